@@ -1,0 +1,102 @@
+"""Embeddings -> retrieval metrics, computed in query chunks so memory stays bounded.
+
+Leave-one-out mode: every item queries all others. Query-vs-reference mode: queries
+search a separate reference set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dmlrun.data.dataset import images_to_float
+from dmlrun.distances import Distance, EuclideanDistance
+
+RECALL_KS = (1, 2, 4, 8)
+METRIC_NAMES = ("precision_at_1", *(f"recall_at_{k}" for k in RECALL_KS), "r_precision",
+                "map_at_r")
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 2048,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(N, C, H, W) uint8 images -> (N, D) float32 embeddings, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images_to_float(images[start : start + batch_size].to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(model(x).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+    distance: Distance | None = None,
+    recall_ks: tuple[int, ...] = RECALL_KS,
+    chunk_size: int = 512,
+) -> dict[str, float]:
+    """Precision@1, R-precision, MAP@R and Recall@K for (N, D) queries.
+
+    With no reference, leave-one-out: each query searches all other queries.
+    R for a query is the number of references of its class (itself excluded);
+    queries with R = 0 are left out of the R-based metrics.
+    """
+    distance = distance if distance is not None else EuclideanDistance()
+    leave_one_out = reference is None
+    if leave_one_out:
+        reference, reference_labels = queries, query_labels
+    assert reference is not None and reference_labels is not None
+    classes, ref_counts = torch.unique(reference_labels, return_counts=True)
+    count_of = torch.zeros(int(classes.max()) + 1, dtype=torch.long, device=queries.device)
+    count_of[classes] = ref_counts
+    q_in_ref = (query_labels >= 0) & (query_labels < len(count_of))
+    r_all = torch.where(q_in_ref, count_of[query_labels.clamp(0, len(count_of) - 1)], 0)
+    if leave_one_out:
+        r_all = r_all - 1
+    k_max = max(int(r_all.max()), max(recall_ks))
+    k_max = min(k_max, len(reference) - (1 if leave_one_out else 0))
+
+    totals = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
+    totals.update({f"recall_at_{k}": 0.0 for k in recall_ks})
+    n_with_r = 0
+    ranks = torch.arange(1, k_max + 1, device=queries.device)
+    for start in range(0, len(queries), chunk_size):
+        q = queries[start : start + chunk_size]
+        dist = distance.pairwise(q, reference)
+        if leave_one_out:
+            rows = torch.arange(len(q), device=q.device)
+            dist[rows, rows + start] = float("inf")
+        nn_idx = dist.topk(k_max, dim=1, largest=False).indices
+        hits = reference_labels[nn_idx] == query_labels[start : start + chunk_size, None]
+        r = r_all[start : start + chunk_size]
+        totals["precision_at_1"] += hits[:, 0].sum().item()
+        for k in recall_ks:
+            totals[f"recall_at_{k}"] += hits[:, :k].any(1).sum().item()
+        within_r = ranks[None, :] <= r[:, None]
+        rel = hits & within_r
+        has_r = r > 0
+        r_safe = r.clamp_min(1).double()
+        totals["r_precision"] += (rel.sum(1).double() / r_safe)[has_r].sum().item()
+        prec_at_i = rel.cumsum(1).double() / ranks[None, :]
+        ap = (prec_at_i * rel).sum(1) / r_safe
+        totals["map_at_r"] += ap[has_r].sum().item()
+        n_with_r += int(has_r.sum())
+    n = len(queries)
+    out = {"precision_at_1": totals["precision_at_1"] / n}
+    for k in recall_ks:
+        out[f"recall_at_{k}"] = totals[f"recall_at_{k}"] / n
+    out["r_precision"] = totals["r_precision"] / max(n_with_r, 1)
+    out["map_at_r"] = totals["map_at_r"] / max(n_with_r, 1)
+    return out

@@ -1,0 +1,62 @@
+"""Triplet miners that search the whole batch with (B, B) masks, no Python loops."""
+
+from __future__ import annotations
+
+import torch
+
+from dmlrun.distances import Distance
+from dmlrun.miners.base import Miner
+from dmlrun.tuples import label_masks
+
+
+class HardMiner(Miner):
+    """For each anchor with a positive and a negative in the batch: its farthest
+    positive and its closest negative (batch-hard). Pair losses use the triplet's
+    two pairs: the hardest positive pair and the hardest negative pair per anchor."""
+
+    def mine(self, embeddings, labels):
+        dist = self.distance.pairwise(embeddings, embeddings)
+        pos, neg = label_masks(labels)
+        hardest_pos = dist.masked_fill(~pos, float("-inf")).argmax(1)
+        hardest_neg = dist.masked_fill(~neg, float("inf")).argmin(1)
+        a = torch.nonzero(pos.any(1) & neg.any(1)).flatten()
+        return a, hardest_pos[a], hardest_neg[a]
+
+
+class SemiHardMiner(Miner):
+    """FaceNet's semi-hard triplets: every (a, p, n) with
+    D(a, p) < D(a, n) <= D(a, p) + margin (negatives farther than the positive but
+    still inside the margin)."""
+
+    def __init__(self, distance: Distance | None = None, margin: float = 0.2) -> None:
+        super().__init__(distance)
+        if margin <= 0:
+            raise ValueError(f"semihard margin must be > 0, got {margin}")
+        self.margin = margin
+
+    def mine(self, embeddings, labels):
+        dist = self.distance.pairwise(embeddings, embeddings)
+        pos, neg = label_masks(labels)
+        gap = dist[:, None, :] - dist[:, :, None]  # gap[a, p, n] = D(a,n) - D(a,p)
+        valid = pos[:, :, None] & neg[:, None, :] & (gap > 0) & (gap <= self.margin)
+        a, p, n = torch.nonzero(valid, as_tuple=True)
+        return a, p, n
+
+
+class RandomMiner(Miner):
+    """For each anchor with a positive and a negative: one of each, uniformly at random."""
+
+    def __init__(
+        self, distance: Distance | None = None, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__(distance)
+        self.generator = generator
+
+    def mine(self, embeddings, labels):
+        pos, neg = label_masks(labels)
+        b = len(labels)
+        scores = torch.rand(b, b, device=labels.device, generator=self.generator)
+        p = scores.masked_fill(~pos, -1.0).argmax(1)
+        n = scores.masked_fill(~neg, -1.0).argmax(1)
+        a = torch.nonzero(pos.any(1) & neg.any(1)).flatten()
+        return a, p[a], n[a]

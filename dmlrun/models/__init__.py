@@ -1,0 +1,6 @@
+"""Embedding networks. Each maps float images in [0, 1] to (B, D) embeddings."""
+
+from dmlrun.models.convnet import ConvNet
+from dmlrun.models.mlp import MLP
+
+__all__ = ["ConvNet", "MLP"]

@@ -1,0 +1,47 @@
+"""The classic MNIST embedding convnet (as in DrLIM-style Siamese experiments)."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dmlrun.models.base import Embedder
+
+
+class ConvNet(Embedder):
+    """Conv(5x5)+PReLU+MaxPool blocks, then an MLP head to ``embedding_dim``.
+
+    Input (B, in_channels, H, W) float in [0, 1]; output (B, embedding_dim).
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int = 2,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64),
+        hidden_dim: int = 256,
+        image_size: int = 28,
+        l2_normalize: bool = False,
+        mean: float = 0.1307,
+        std: float = 0.3081,
+    ) -> None:
+        super().__init__(embedding_dim, l2_normalize, mean, std)
+        blocks: list[nn.Module] = []
+        size, c_in = image_size, in_channels
+        for c_out in channels:
+            blocks += [nn.Conv2d(c_in, c_out, kernel_size=5), nn.PReLU(), nn.MaxPool2d(2)]
+            size, c_in = (size - 4) // 2, c_out
+        if size < 1:
+            raise ValueError(f"image_size={image_size} is too small for {len(channels)} blocks")
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c_in * size * size, hidden_dim),
+            nn.PReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.PReLU(),
+            nn.Linear(hidden_dim, embedding_dim),
+        )
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

@@ -1,0 +1,212 @@
+"""One run: build from config, train, select on validation, test once, write the folder.
+
+``run(cfg, run_dir)`` is what the CLI and the tests call; it returns the summary dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dmlrun import checkpoint, plots
+from dmlrun.components import (
+    build,
+    build_components,
+    choice,
+    has_target,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+)
+from dmlrun.errors import ConfigError, UserError
+from dmlrun.evaluate import METRIC_NAMES, embed, retrieval_metrics
+from dmlrun.train import StepConfig, fit
+
+log = logging.getLogger("dmlrun")
+
+FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
+
+
+def _guard_run_dir(run_dir: Path) -> None:
+    """Refuse to train into a folder that already holds a run's results."""
+    taken = [p for p in ("checkpoints", "summary.json", "metrics.jsonl") if (run_dir / p).exists()]
+    if taken:
+        raise UserError(
+            f"run folder {run_dir} already holds a run ({', '.join(taken)}); refusing to "
+            "overwrite it. Choose another folder with hydra.run.dir=<dir>."
+        )
+
+
+def _attach_log_file(run_dir: Path) -> logging.Handler | None:
+    """Write dmlrun.log when Hydra's own logging is not doing so (plain ``run()`` calls)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return None
+    handler = logging.FileHandler(run_dir / "dmlrun.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    return handler
+
+
+def versions() -> dict[str, str]:
+    import hydra
+    import torchvision
+
+    from dmlrun import __version__
+
+    return {"dmlrun": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "hydra": hydra.__version__,
+            "python": platform.python_version()}
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train and evaluate one configuration; write checkpoints, metrics, plots and summary
+    into ``run_dir``. Raises UserError for problems the user can fix."""
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _guard_run_dir(run_dir)
+    handler = _attach_log_file(run_dir)
+    try:
+        return _run(cfg, run_dir, t_start)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
+    tcfg = cfg.trainer
+    if tcfg.max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be >= 1, got {tcfg.max_epochs}")
+    if tcfg.monitor not in METRIC_NAMES:
+        raise ConfigError(f"trainer.monitor={tcfg.monitor} is not a validation metric; "
+                          f"choose one of {', '.join(METRIC_NAMES)}")
+    parts = build_components(cfg)  # checks compatibility before any data loads
+    device = resolve_device(str(tcfg.device))
+    amp_dtype = resolve_amp(tcfg.amp, device)
+    seed_everything(int(cfg.seed))
+    names = {g: choice(cfg, g) for g in ("dataset", "model", "loss", "miner", "sampler")}
+    log.info("run folder: %s", run_dir.resolve())
+    log.info("device %s, amp %s; %s", device, amp_dtype, " ".join(f"{k}={v}" for k, v in
+                                                               names.items()))
+
+    data = build(cfg.dataset, f"dataset={names['dataset']}", seed=int(cfg.seed)).to(device)
+    parts.sampler.check(data.num_classes)
+    log.info("data: %d train, %d validation, %d test images, %d classes", len(data.train),
+             len(data.val), len(data.test), data.num_classes)
+
+    model = build(cfg.model, f"model={names['model']}").to(device)
+    channels_last = bool(tcfg.channels_last) and device.type == "cpu"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
+    scheduler = build(cfg.scheduler, "scheduler")(optimizer) if has_target(cfg.scheduler) \
+        else None
+    distance = parts.loss.distance
+    sampler_rng = torch.Generator().manual_seed(int(cfg.seed))
+
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+    monitor = str(tcfg.monitor)
+    best = {"epoch": 0, "value": float("-inf")}
+    frame_idx = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))[
+        :FRAME_POINTS].to(device)
+    frames: list[tuple[int, torch.Tensor]] = []
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+
+    def validate(epoch: int) -> dict[str, float]:
+        emb = embed(model, data.val.images, int(tcfg.eval_batch_size), amp_dtype)
+        if tcfg.epoch_plots:
+            frames.append((epoch, emb[frame_idx].cpu()))
+        return retrieval_metrics(emb, data.val.labels, distance=distance)
+
+    def on_epoch_end(record: dict) -> None:
+        value = record[f"val_{monitor}"]
+        state = {
+            "epoch": record["epoch"],
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "sampler_rng": sampler_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "config": config_dict,
+            "metrics": record,
+        }
+        if value > best["value"]:
+            best.update(epoch=record["epoch"], value=value)
+            checkpoint.save_checkpoint(ckpt_dir / "best.pt", state)
+        checkpoint.save_checkpoint(ckpt_dir / "last.pt", {**state, "best": dict(best)})
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(
+            "epoch %d: loss %.4g, %.0f tuples/step (%.0f%% active), val P@1 %.4f, MAP@R %.4f, "
+            "%.0f samples/s, %.1fs", record["epoch"], record["train_loss"],
+            record["tuples_per_step"], 100 * record["active_fraction"],
+            record["val_precision_at_1"], record["val_map_at_r"], record["samples_per_s"],
+            record["epoch_seconds"])
+
+    step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every), tcfg.progress_bar)
+    history = fit(model, parts.loss, parts.miner, optimizer, scheduler,
+                  lambda: parts.sampler.epoch(data.train.labels, sampler_rng), data.train,
+                  validate, on_epoch_end, int(tcfg.max_epochs), step_cfg)
+
+    # Test once, with the model chosen on validation.
+    best_state = checkpoint.load_checkpoint(ckpt_dir / "best.pt", map_location=device)
+    model.load_state_dict(best_state["model"])
+    test_emb = embed(model, data.test.images, int(tcfg.eval_batch_size), amp_dtype)
+    test = retrieval_metrics(test_emb, data.test.labels, distance=distance)
+    best_val = {k[4:]: v for k, v in best_state["metrics"].items() if k.startswith("val_")}
+    log.info("best epoch %d (val %s %.4f); test P@1 %.4f, MAP@R %.4f", best["epoch"], monitor,
+             best["value"], test["precision_at_1"], test["map_at_r"])
+
+    plot_dir = run_dir / "plots"
+    points, how = plots.project_2d(test_emb)
+    plots.scatter(
+        points, data.test.labels, plot_dir / "embedding.png",
+        f"{data.name} test: loss={names['loss']} miner={names['miner']} "
+        f"epoch {best['epoch']} - P@1 {test['precision_at_1']:.3f} MAP@R {test['map_at_r']:.3f}",
+        xlabel=how,
+    )
+    plots.curves(history, plot_dir / "curves.png", ["precision_at_1", "map_at_r", "r_precision"])
+    if frames:
+        plots.epoch_frames(frames, data.val.labels[frame_idx], plot_dir / "epochs",
+                           f"{data.name} val: loss={names['loss']} miner={names['miner']}")
+
+    wall = time.perf_counter() - t_start
+    train_seconds = sum(h["train_seconds"] for h in history)
+    summary = {
+        "run_dir": str(run_dir.resolve()),
+        "choices": names,
+        "seed": int(cfg.seed),
+        "tag": cfg.get("tag"),
+        "embedding_dim": int(test_emb.shape[1]),
+        "epochs": len(history),
+        "best_epoch": best["epoch"],
+        "monitor": monitor,
+        "val": best_val,
+        "test": test,
+        "wall_seconds": wall,
+        "train_seconds": train_seconds,
+        "train_samples_per_s": sum(h["samples_per_s"] * h["train_seconds"] for h in history)
+        / train_seconds,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+        "versions": versions(),
+    }
+    with open(run_dir / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    log.info("done in %.1fs; summary: %s", wall, run_dir / "summary.json")
+    return summary
