@@ -28,7 +28,9 @@ class ContrastiveLoss(PairLoss):
     ) -> None:
         super().__init__(distance, reduction)
         if margin < 0 or not 0.0 <= pos_weight <= 1.0:
-            raise ValueError(f"need margin >= 0 and pos_weight in [0, 1], got {margin}, {pos_weight}")
+            raise ValueError(
+                f"need margin >= 0 and pos_weight in [0, 1], got {margin}, {pos_weight}"
+            )
         self.margin = margin
         self.pos_weight = pos_weight
 

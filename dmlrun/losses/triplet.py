@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from dmlrun.distances import Distance
 from dmlrun.losses.base import LossOutput, MetricLoss
 from dmlrun.tuples import label_masks

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+import dmlrun  # noqa: F401  (registers resolvers)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("DMLRUN_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+
+# Small, fast settings for end-to-end runs on real MNIST.
+TINY = [
+    "dataset.train_size=1500",
+    "dataset.val_size=500",
+    "dataset.test_size=800",
+    "dataset.download=false",
+    "sampler.batches_per_epoch=4",
+    "trainer.max_epochs=2",
+    "trainer.device=cpu",
+    "trainer.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.fail(f"MNIST not found under {DATA_DIR}; set DMLRUN_DATA_DIR")
+    return DATA_DIR
+
+
+def compose_cfg(overrides: list[str] | None = None):
+    """Compose the shipped configs as the CLI would (without Hydra's own node)."""
+    with initialize_config_module(config_module="dmlrun.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600,
+            exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``dmlrun`` command in a subprocess."""
+    env = {**os.environ, "DMLRUN_DATA_DIR": str(DATA_DIR), "HYDRA_FULL_ERROR": "0",
+           **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = (exe or [sys.executable, "-m", "dmlrun"]) + args
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)

@@ -1,0 +1,108 @@
+"""The real ``dmlrun`` command end to end on a small MNIST subset, and its error exits."""
+
+import json
+
+import pytest
+import torch
+
+import dmlrun
+from dmlrun.data.mnist import load_mnist
+from dmlrun.evaluate import embed, retrieval_metrics
+from dmlrun.run import run
+from tests.conftest import TINY, compose_cfg, run_cli
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    res = run_cli(TINY + [f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+def test_run_folder_has_every_file(finished_run):
+    d = finished_run
+    for rel in [".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "dmlrun.log",
+                "checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl", "summary.json",
+                "plots/embedding.png", "plots/curves.png", "plots/epochs/epoch_001.png",
+                "plots/epochs/epoch_002.png", "plots/epochs/embedding.gif"]:
+        assert (d / rel).is_file() and (d / rel).stat().st_size > 0, rel
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    for rec in lines:
+        for key in ("train_loss", "mined_per_step", "tuples_per_step", "active_fraction",
+                    "val_precision_at_1", "val_map_at_r", "epoch_seconds", "samples_per_s"):
+            assert key in rec, key
+        assert rec["mined_per_step"] == 250  # hard miner: one triplet per anchor of 10x25
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["choices"]["loss"] == "contrastive" and summary["choices"]["miner"] == "hard"
+    assert summary["best_epoch"] in (1, 2)
+    assert 0.0 <= summary["test"]["precision_at_1"] <= 1.0
+    assert summary["val"]["precision_at_1"] == max(x["val_precision_at_1"] for x in lines)
+    assert summary["embedding_dim"] == 2 and summary["device"] == "cpu"
+    assert "epoch 1" in (d / "dmlrun.log").read_text()
+
+
+def test_load_embedder_reproduces_test_metrics(finished_run, data_dir):
+    model = dmlrun.load_embedder(finished_run)
+    assert not model.training
+    data = load_mnist(str(data_dir), val_size=500, train_size=1500, test_size=800,
+                      download=False, seed=0)
+    x = data.test.images[:4].float() / 255
+    assert model(x).shape == (4, 2)
+    emb = embed(model, data.test.images)
+    summary = json.loads((finished_run / "summary.json").read_text())
+    got = retrieval_metrics(emb, data.test.labels)["precision_at_1"]
+    assert got == pytest.approx(summary["test"]["precision_at_1"], abs=1e-9)
+    # a checkpoint file works too
+    ckpt_model = dmlrun.load_embedder(finished_run / "checkpoints" / "last.pt")
+    assert ckpt_model(x).shape == (4, 2)
+
+
+def test_rerun_into_finished_folder_is_refused(finished_run):
+    before = {p: p.read_bytes() for p in [finished_run / "summary.json",
+                                          finished_run / "checkpoints" / "best.pt"]}
+    res = run_cli(TINY + [f"hydra.run.dir={finished_run}"], cwd=finished_run.parent)
+    assert res.returncode == 2
+    assert "already holds a run" in res.stderr and "Traceback" not in res.stderr
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_unknown_loss_lists_choices(tmp_path):
+    res = run_cli(["loss=nosuchloss", f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert res.returncode != 0
+    err = res.stderr + res.stdout
+    assert "nosuchloss" in err and "contrastive" in err and "triplet" in err
+    assert "Traceback" not in err
+
+
+def test_triplet_loss_with_pair_sampler_fails_early(tmp_path):
+    res = run_cli(["loss=triplet", "sampler=pairs", "miner=none", f"hydra.run.dir={tmp_path}/r"],
+                  cwd=tmp_path)
+    assert res.returncode == 2
+    assert "loss=triplet" in res.stderr and "sampler=pairs" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_missing_data_names_files(tmp_path):
+    empty = tmp_path / "nodata"
+    res = run_cli(TINY + [f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path,
+                  env_extra={"DMLRUN_DATA_DIR": str(empty)})
+    assert res.returncode == 2
+    assert "train-images-idx3-ubyte" in res.stderr and str(empty) in res.stderr
+    assert "DMLRUN_DATA_DIR" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss=triplet", "miner=hard"],
+    ["experiment=siamese_pairs"],
+    ["loss=triplet", "miner=semihard", "model=mlp", "distance=cosine", "model.embedding_dim=8",
+     "optimizer=sgd", "scheduler=step"],
+])
+def test_other_setups_train_in_process(tmp_path, data_dir, overrides):
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.epoch_plots=false",
+                              *overrides])
+    summary = run(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "plots" / "embedding.png").is_file()
+    assert summary["epochs"] == 2 and torch.isfinite(torch.tensor(summary["test"]["map_at_r"]))
