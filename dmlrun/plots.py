@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Limits = tuple[float, float, float, float]
 
@@ -117,8 +118,9 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str]) ->
     ax_val.set_xlabel("epoch")
     ax_val.set_ylabel("validation")
     ax_val.legend()
-    ax_val.grid(alpha=0.3)
-    ax_loss.grid(alpha=0.3)
+    for ax in (ax_loss, ax_val):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

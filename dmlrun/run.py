@@ -151,6 +151,14 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         checkpoint.save_checkpoint(ckpt_dir / "last.pt", {**state, "best": dict(best)})
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        margin = getattr(parts.loss, "margin", None)
+        if margin and record["active_fraction"] > 0.99 and \
+                abs(record["train_loss"] - margin) < 0.01 * margin:
+            log.warning(
+                "epoch %d: the loss is stuck at the margin (%.4g) with every tuple active: the "
+                "embeddings have likely collapsed to one point. Batch-hard triplet mining does "
+                "this from a random start; try miner=easy_hard or miner=semihard, or a lower "
+                "optimizer.lr.", record["epoch"], margin)
         log.info(
             "epoch %d: loss %.4g, %.0f tuples/step (%.0f%% active), val P@1 %.4f, MAP@R %.4f, "
             "%.0f samples/s, %.1fs", record["epoch"], record["train_loss"],

@@ -113,3 +113,25 @@ def test_semihard_matches_pml_triplet_margin_miner():
     ref = miners.TripletMarginMiner(margin=0.4, type_of_triplets="semihard",
                                    distance=lp)(emb, labels)
     assert as_set(SemiHardMiner(margin=0.4)(emb, labels).indices) == as_set(ref)
+
+
+def test_easy_positive_hard_negative_known_answer():
+    emb, labels = line_batch()
+    a, p, n = HardMiner(positive="easiest")(emb, labels).indices
+    got = {ai: (pi, ni) for ai, pi, ni in zip(a.tolist(), p.tolist(), n.tolist(), strict=True)}
+    assert got[0] == (1, 3)  # x=0: closest positive x=1, closest negative x=1.2
+    assert got[2] == (1, 4)  # x=3: closest positive x=1, closest negative x=2.5
+    assert got[5] == (4, 2)  # x=6: closest positive x=2.5, closest negative x=3
+
+
+def test_pml_batch_easy_hard_miner_agrees():
+    from pytorch_metric_learning import distances, miners
+
+    lp = distances.LpDistance(normalize_embeddings=False)
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(30, 5, generator=g)
+    labels = torch.arange(30) % 3
+    ref = miners.BatchEasyHardMiner(pos_strategy="easy", neg_strategy="hard", distance=lp)
+    a1, p, a2, n = ref(emb, labels)
+    ref_triplets = {(int(x), int(y), int(z)) for x, y, z in zip(a1, p, n, strict=True)}
+    assert as_set(HardMiner(positive="easiest")(emb, labels).indices) == ref_triplets

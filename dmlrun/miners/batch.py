@@ -10,17 +10,31 @@ from dmlrun.tuples import label_masks
 
 
 class HardMiner(Miner):
-    """For each anchor with a positive and a negative in the batch: its farthest
-    positive and its closest negative (batch-hard). Pair losses use the triplet's
-    two pairs: the hardest positive pair and the hardest negative pair per anchor."""
+    """For each anchor with a positive and a negative in the batch: its closest
+    negative and its farthest positive (``positive="hardest"``: batch-hard, Hermans et
+    al. 2017) or its closest positive (``positive="easiest"``: easy-positive hard-negative,
+    Xuan et al. 2020). Pair losses use each triplet's two pairs.
+
+    Batch-hard with the triplet loss can collapse all embeddings to one point from a
+    random start (loss stuck at the margin), notably in 2-D; easy-positive mining avoids it.
+    """
+
+    def __init__(self, distance: Distance | None = None, positive: str = "hardest") -> None:
+        super().__init__(distance)
+        if positive not in ("hardest", "easiest"):
+            raise ValueError(f"positive must be 'hardest' or 'easiest', got {positive!r}")
+        self.positive = positive
 
     def mine(self, embeddings, labels):
         dist = self.distance.pairwise(embeddings, embeddings)
         pos, neg = label_masks(labels)
-        hardest_pos = dist.masked_fill(~pos, float("-inf")).argmax(1)
+        if self.positive == "hardest":
+            pick_pos = dist.masked_fill(~pos, float("-inf")).argmax(1)
+        else:
+            pick_pos = dist.masked_fill(~pos, float("inf")).argmin(1)
         hardest_neg = dist.masked_fill(~neg, float("inf")).argmin(1)
         a = torch.nonzero(pos.any(1) & neg.any(1)).flatten()
-        return a, hardest_pos[a], hardest_neg[a]
+        return a, pick_pos[a], hardest_neg[a]
 
 
 class SemiHardMiner(Miner):
