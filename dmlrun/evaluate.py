@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dmlrun.clustering import adjusted_mutual_info, kmeans, normalized_mutual_info
 from dmlrun.data.dataset import images_to_float
-from dmlrun.distances import Distance, EuclideanDistance
+from dmlrun.distances import CosineDistance, Distance, EuclideanDistance
 
 RECALL_KS = (1, 2, 4, 8)
-METRIC_NAMES = ("precision_at_1", *(f"recall_at_{k}" for k in RECALL_KS), "r_precision",
-                "map_at_r")
+RETRIEVAL_NAMES = ("precision_at_1", *(f"recall_at_{k}" for k in RECALL_KS), "r_precision",
+                   "map_at_r", "knn_accuracy")
+METRIC_NAMES = (*RETRIEVAL_NAMES, "nmi", "ami")
 
 
 @torch.no_grad()
@@ -45,13 +47,15 @@ def retrieval_metrics(
     reference_labels: torch.Tensor | None = None,
     distance: Distance | None = None,
     recall_ks: tuple[int, ...] = RECALL_KS,
+    knn_k: int = 5,
     chunk_size: int = 512,
 ) -> dict[str, float]:
-    """Precision@1, R-precision, MAP@R and Recall@K for (N, D) queries.
+    """Precision@1, Recall@K, R-precision, MAP@R and kNN accuracy for (N, D) queries.
 
     With no reference, leave-one-out: each query searches all other queries.
     R for a query is the number of references of its class (itself excluded);
-    queries with R = 0 are left out of the R-based metrics.
+    queries with R = 0 are left out of the R-based metrics. kNN accuracy is the
+    majority label of the ``knn_k`` nearest references (ties: the smallest label).
     """
     distance = distance if distance is not None else EuclideanDistance()
     leave_one_out = reference is None
@@ -65,11 +69,13 @@ def retrieval_metrics(
     r_all = torch.where(q_in_ref, count_of[query_labels.clamp(0, len(count_of) - 1)], 0)
     if leave_one_out:
         r_all = r_all - 1
-    k_max = max(int(r_all.max()), max(recall_ks))
+    k_max = max(int(r_all.max()), max(recall_ks), knn_k)
     k_max = min(k_max, len(reference) - (1 if leave_one_out else 0))
 
     totals = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
     totals.update({f"recall_at_{k}": 0.0 for k in recall_ks})
+    totals["knn_accuracy"] = 0.0
+    ref_classes, ref_ids = torch.unique(reference_labels, return_inverse=True)
     n_with_r = 0
     ranks = torch.arange(1, k_max + 1, device=queries.device)
     for start in range(0, len(queries), chunk_size):
@@ -82,6 +88,11 @@ def retrieval_metrics(
         hits = reference_labels[nn_idx] == query_labels[start : start + chunk_size, None]
         r = r_all[start : start + chunk_size]
         totals["precision_at_1"] += hits[:, 0].sum().item()
+        votes = torch.zeros(len(q), len(ref_classes), device=q.device)
+        votes.scatter_add_(1, ref_ids[nn_idx[:, :knn_k]], torch.ones_like(nn_idx[:, :knn_k],
+                                                                         dtype=votes.dtype))
+        predicted = ref_classes[votes.argmax(1)]  # argmax takes the first (smallest) on ties
+        totals["knn_accuracy"] += (predicted == query_labels[start : start + len(q)]).sum().item()
         for k in recall_ks:
             totals[f"recall_at_{k}"] += hits[:, :k].any(1).sum().item()
         within_r = ranks[None, :] <= r[:, None]
@@ -99,4 +110,31 @@ def retrieval_metrics(
         out[f"recall_at_{k}"] = totals[f"recall_at_{k}"] / n
     out["r_precision"] = totals["r_precision"] / max(n_with_r, 1)
     out["map_at_r"] = totals["map_at_r"] / max(n_with_r, 1)
+    out["knn_accuracy"] = totals["knn_accuracy"] / n
+    return out
+
+
+@torch.no_grad()
+def clustering_metrics(
+    embeddings: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """NMI and AMI between the labels and k-means (k = number of classes present).
+    For cosine distance the points are L2-normalised first."""
+    x = embeddings.float()
+    if isinstance(distance, CosineDistance):
+        x = torch.nn.functional.normalize(x, dim=1)
+    k = len(torch.unique(labels))
+    clusters = kmeans(x, k, seed=seed)
+    return {"nmi": normalized_mutual_info(clusters, labels),
+            "ami": adjusted_mutual_info(clusters, labels)}
+
+
+def evaluate_embeddings(
+    embeddings: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None,
+    knn_k: int = 5, seed: int = 0,
+) -> dict[str, float]:
+    """Every metric of METRIC_NAMES, leave-one-out, for (N, D) embeddings."""
+    out = retrieval_metrics(embeddings, labels, distance=distance, knn_k=knn_k)
+    out.update(clustering_metrics(embeddings, labels, distance, seed))
     return out

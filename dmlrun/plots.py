@@ -15,13 +15,23 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 Limits = tuple[float, float, float, float]
 
 
-def project_2d(embeddings: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """(N, D) -> (N, 2): as is for D <= 2 (D = 1 gets a zero y), else PCA."""
+def project_2d(
+    embeddings: torch.Tensor, method: str = "pca", seed: int = 0
+) -> tuple[torch.Tensor, str]:
+    """(N, D) -> (N, 2) and a caption: as is for D <= 2 (D = 1 gets a zero y), else PCA
+    or t-SNE (scikit-learn) by ``method``."""
     x = embeddings.detach().float().cpu()
     if x.shape[1] == 2:
         return x, ""
     if x.shape[1] == 1:
         return torch.cat([x, torch.zeros_like(x)], 1), ""
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        pts = TSNE(n_components=2, init="pca", random_state=seed).fit_transform(x.numpy())
+        return torch.from_numpy(pts).float(), f"t-SNE of {x.shape[1]}-D"
+    if method != "pca":
+        raise ValueError(f"projection must be pca or tsne, got {method!r}")
     centred = x - x.mean(0)
     _, s, v = torch.linalg.svd(centred, full_matrices=False)
     share = float((s[:2] ** 2).sum() / (s**2).sum())

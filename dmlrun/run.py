@@ -27,7 +27,7 @@ from dmlrun.components import (
     seed_everything,
 )
 from dmlrun.errors import ConfigError, UserError
-from dmlrun.evaluate import METRIC_NAMES, embed, retrieval_metrics
+from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
 from dmlrun.train import StepConfig, fit
 
 log = logging.getLogger("dmlrun")
@@ -57,6 +57,15 @@ def _attach_log_file(run_dir: Path) -> logging.Handler | None:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     return handler
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Metrics as an aligned text table, one row per model."""
+    cols = [c for c in METRIC_NAMES if any(c in r for r in rows.values())]
+    head = f"{'':<12}" + "".join(f"{c:>15}" for c in cols)
+    lines = [head] + [f"{name:<12}" + "".join(f"{r.get(c, float('nan')):>15.4f}" for c in cols)
+                      for name, r in rows.items()]
+    return "\n".join(lines)
 
 
 def versions() -> dict[str, str]:
@@ -126,13 +135,30 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     frames: list[tuple[int, torch.Tensor]] = []
     config_dict = OmegaConf.to_container(cfg, resolve=True)
 
+    ecfg = cfg.evaluation
+    knn_k, eval_bs = int(ecfg.knn_k), int(tcfg.eval_batch_size)
+
+    def evaluate(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        emb = embed(model, images, eval_bs, amp_dtype)
+        return emb, evaluate_embeddings(emb, labels, distance, knn_k, int(cfg.seed))
+
+    baselines = {}
+    if ecfg.baselines:
+        baselines["untrained"] = evaluate(data.test.images, data.test.labels)[1]
+        raw = data.test.images.flatten(1).float() / 255.0
+        baselines["raw_pixels"] = evaluate_embeddings(raw, data.test.labels, distance, knn_k,
+                                                      int(cfg.seed))
+
     def validate(epoch: int) -> dict[str, float]:
-        emb = embed(model, data.val.images, int(tcfg.eval_batch_size), amp_dtype)
+        emb, metrics = evaluate(data.val.images, data.val.labels)
         if tcfg.epoch_plots:
             frames.append((epoch, emb[frame_idx].cpu()))
-        return retrieval_metrics(emb, data.val.labels, distance=distance)
+        return metrics
 
-    def on_epoch_end(record: dict) -> None:
+    patience = tcfg.get("early_stopping_patience")
+
+    def on_epoch_end(record: dict) -> bool:
+        """Checkpoint, log; return True to stop early."""
         value = record[f"val_{monitor}"]
         state = {
             "epoch": record["epoch"],
@@ -165,6 +191,10 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
             record["tuples_per_step"], 100 * record["active_fraction"],
             record["val_precision_at_1"], record["val_map_at_r"], record["samples_per_s"],
             record["epoch_seconds"])
+        if patience is not None and record["epoch"] - best["epoch"] >= int(patience):
+            log.info("early stop: no val %s gain for %d epochs", monitor, int(patience))
+            return True
+        return False
 
     step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every), tcfg.progress_bar)
     history = fit(model, parts.loss, parts.miner, optimizer, scheduler,
@@ -174,14 +204,15 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     # Test once, with the model chosen on validation.
     best_state = checkpoint.load_checkpoint(ckpt_dir / "best.pt", map_location=device)
     model.load_state_dict(best_state["model"])
-    test_emb = embed(model, data.test.images, int(tcfg.eval_batch_size), amp_dtype)
-    test = retrieval_metrics(test_emb, data.test.labels, distance=distance)
+    test_emb, test = evaluate(data.test.images, data.test.labels)
     best_val = {k[4:]: v for k, v in best_state["metrics"].items() if k.startswith("val_")}
     log.info("best epoch %d (val %s %.4f); test P@1 %.4f, MAP@R %.4f", best["epoch"], monitor,
              best["value"], test["precision_at_1"], test["map_at_r"])
 
     plot_dir = run_dir / "plots"
-    points, how = plots.project_2d(test_emb)
+    rows = {"trained": test, **baselines}
+    log.info("test metrics:\n%s", format_table(rows))
+    points, how = plots.project_2d(test_emb, str(ecfg.projection), int(cfg.seed))
     plots.scatter(
         points, data.test.labels, plot_dir / "embedding.png",
         f"{data.name} test: loss={names['loss']} miner={names['miner']} "
@@ -206,6 +237,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         "monitor": monitor,
         "val": best_val,
         "test": test,
+        "baselines": baselines,
         "wall_seconds": wall,
         "train_seconds": train_seconds,
         "train_samples_per_s": sum(h["samples_per_s"] * h["train_seconds"] for h in history)

@@ -110,13 +110,14 @@ def fit(
     next_epoch: Callable[[], Epoch],
     split: Split,
     validate: Callable[[int], dict[str, float]],
-    on_epoch_end: Callable[[dict], None],
+    on_epoch_end: Callable[[dict], bool],
     max_epochs: int,
     step_cfg: StepConfig,
     start_epoch: int = 1,
 ) -> list[dict]:
     """Train for epochs ``start_epoch..max_epochs``; after each, validate and hand the
-    epoch record to ``on_epoch_end`` (which logs, checkpoints, plots)."""
+    epoch record to ``on_epoch_end`` (which logs and checkpoints, and returns True to stop
+    early)."""
     history = []
     for epoch_no in range(start_epoch, max_epochs + 1):
         t0 = time.perf_counter()
@@ -130,5 +131,6 @@ def fit(
                   **{f"val_{k}": v for k, v in val.items()},
                   "epoch_seconds": time.perf_counter() - t0}
         history.append(record)
-        on_epoch_end(record)
+        if on_epoch_end(record):
+            break
     return history

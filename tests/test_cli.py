@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dmlrun
-from dmlrun.data.mnist import load_mnist
+from dmlrun.data.idx import load_mnist
 from dmlrun.evaluate import embed, retrieval_metrics
 from dmlrun.run import run
 from tests.conftest import TINY, compose_cfg, run_cli

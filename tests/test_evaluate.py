@@ -89,3 +89,62 @@ def test_matches_pml_accuracy_calculator():
     assert ours["precision_at_1"] == pytest.approx(ref["precision_at_1"], abs=1e-4)
     assert ours["r_precision"] == pytest.approx(ref["r_precision"], abs=1e-4)
     assert ours["map_at_r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-4)
+
+
+def test_knn_accuracy_matches_scikit_learn():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    q, ql = random_set(150, 3, 5, 5)
+    r, rl = random_set(400, 3, 5, 6)
+    for k in (1, 4, 7):
+        ours = retrieval_metrics(q, ql, r, rl, knn_k=k)["knn_accuracy"]
+        clf = KNeighborsClassifier(n_neighbors=k).fit(r.numpy(), rl.numpy())
+        ref = float((clf.predict(q.numpy()) == ql.numpy()).mean())
+        assert ours == pytest.approx(ref, abs=1e-4), k
+
+
+def test_knn_leave_one_out_matches_scikit_learn():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    emb, labels = random_set(300, 4, 6, 7)
+    k = 5
+    clf = KNeighborsClassifier(n_neighbors=k).fit(emb.numpy(), labels.numpy())
+    idx = clf.kneighbors(return_distance=False)  # excludes each point itself
+    votes = torch.nn.functional.one_hot(labels[torch.from_numpy(idx)], 6).sum(1)
+    ref = (votes.argmax(1) == labels).double().mean().item()
+    assert retrieval_metrics(emb, labels, knn_k=k)["knn_accuracy"] == pytest.approx(ref, abs=1e-4)
+
+
+def test_nmi_ami_match_scikit_learn():
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+    from dmlrun.clustering import adjusted_mutual_info, normalized_mutual_info
+
+    g = torch.Generator().manual_seed(0)
+    for n, ka, kb in [(40, 3, 4), (2000, 10, 10), (5000, 10, 13)]:
+        a = torch.randint(0, ka, (n,), generator=g)
+        noise = torch.randint(0, kb, (n,), generator=g)
+        b = torch.where(torch.rand(n, generator=g) < 0.6, a, noise)
+        assert normalized_mutual_info(a, b) == pytest.approx(
+            normalized_mutual_info_score(a.numpy(), b.numpy()), abs=1e-4)
+        assert adjusted_mutual_info(a, b) == pytest.approx(
+            adjusted_mutual_info_score(a.numpy(), b.numpy()), abs=1e-4)
+
+
+def test_kmeans_recovers_separated_clusters():
+    from dmlrun.clustering import kmeans, normalized_mutual_info
+
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(6, 5, generator=g) * 20
+    labels = torch.arange(6).repeat_interleave(100)
+    x = centres[labels] + torch.randn(600, 5, generator=g)
+    assert normalized_mutual_info(kmeans(x, 6), labels) == pytest.approx(1.0)
+
+
+def test_evaluate_embeddings_has_every_metric():
+    from dmlrun.evaluate import METRIC_NAMES, evaluate_embeddings
+
+    emb, labels = random_set(200, 3, 4, 8)
+    out = evaluate_embeddings(emb, labels)
+    assert set(out) == set(METRIC_NAMES)
+    assert all(0.0 <= v <= 1.0 for k, v in out.items() if k != "ami")
