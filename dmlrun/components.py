@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dmlrun.errors import ConfigError
+from dmlrun.errors import ConfigError, UserError
 from dmlrun.losses.base import MetricLoss
 from dmlrun.miners.base import Miner
 
@@ -51,6 +51,8 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
+        if isinstance(cause, UserError):
+            raise cause from None
         raise ConfigError(f"cannot build {what} from config: {cause}") from exc
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot build {what} from config: {exc}") from exc

@@ -1,6 +1,7 @@
 """The real ``dmlrun`` command end to end on a small MNIST subset, and its error exits."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -40,6 +41,12 @@ def test_run_folder_has_every_file(finished_run):
     assert 0.0 <= summary["test"]["precision_at_1"] <= 1.0
     assert summary["val"]["precision_at_1"] == max(x["val_precision_at_1"] for x in lines)
     assert summary["embedding_dim"] == 2 and summary["device"] == "cpu"
+    assert set(summary["baselines"]) == {"untrained", "raw_pixels"}
+    for row in (summary["test"], *summary["baselines"].values()):
+        assert {"nmi", "ami", "knn_accuracy", "map_at_r", "recall_at_8"} <= set(row)
+    # raw pixels are a strong MNIST baseline for 1-NN; the untrained 2-D net is not
+    assert summary["baselines"]["raw_pixels"]["precision_at_1"] > 0.8
+    assert "val_nmi" in lines[0] and "val_knn_accuracy" in lines[0]
     assert "epoch 1" in (d / "dmlrun.log").read_text()
 
 
@@ -106,3 +113,27 @@ def test_other_setups_train_in_process(tmp_path, data_dir, overrides):
     summary = run(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "plots" / "embedding.png").is_file()
     assert summary["epochs"] == 2 and torch.isfinite(torch.tensor(summary["test"]["map_at_r"]))
+
+
+def test_evaluate_command_on_run_folder(finished_run, tmp_path):
+    out = tmp_path / "eval.json"
+    res = run_cli([str(finished_run), "--split", "test", "--output", str(out)], cwd=tmp_path,
+                  exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert result["n"] == 800 and result["split"] == "test"
+    for k in ("precision_at_1", "map_at_r", "nmi"):
+        # the run embedded in channels-last layout; float noise may reorder near-ties
+        assert result["metrics"][k] == pytest.approx(summary["test"][k], abs=1e-4), k
+    # class-disjoint view of the same model, and a refusal to overwrite the output
+    res = run_cli([str(finished_run), "dataset.train_classes=[0,1,2,3,4]", "--output", str(out)],
+                  cwd=tmp_path, exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])
+    assert res.returncode == 2 and "refusing to overwrite" in res.stderr
+
+
+def test_evaluate_command_bad_path(tmp_path):
+    res = run_cli([str(tmp_path / "missing.pt")], cwd=tmp_path,
+                  exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])
+    assert res.returncode == 2 and "checkpoint not found" in res.stderr
+    assert "Traceback" not in res.stderr

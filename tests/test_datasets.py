@@ -1,0 +1,116 @@
+"""Dataset loaders on real MNIST and on small data the tests write themselves."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from dmlrun.data.dataset import stratified_split
+from dmlrun.data.idx import load_fashion_mnist, load_mnist
+from dmlrun.data.image_folder import load_image_folder
+from dmlrun.errors import ConfigError, UserError
+
+
+def write_idx(raw, prefix, images, labels):
+    raw.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+        struct.pack(">IIII", 2051, n, h, w) + images.astype(np.uint8).tobytes())
+    (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
+
+
+def test_mnist_real_files_and_stratified_split(data_dir):
+    d = load_mnist(str(data_dir), val_size=5000, download=False, seed=0)
+    assert (len(d.train), len(d.val), len(d.test)) == (55000, 5000, 10000)
+    assert d.train.images.shape[1:] == (1, 28, 28) and d.train.images.dtype == torch.uint8
+    counts = torch.bincount(d.val.labels, minlength=10)
+    full = torch.bincount(torch.cat([d.train.labels, d.val.labels]), minlength=10)
+    assert torch.allclose(counts.double() / 5000, full.double() / 60000, atol=1e-3)
+    again = load_mnist(str(data_dir), val_size=5000, download=False, seed=0)
+    assert torch.equal(again.val.labels, d.val.labels)
+
+
+def test_class_disjoint_split(data_dir):
+    d = load_mnist(str(data_dir), val_size=500, train_size=2000, test_size=1000,
+                   download=False, train_classes=[0, 1, 2, 3, 4])
+    assert set(d.train.labels.tolist()) == set(d.val.labels.tolist()) == {0, 1, 2, 3, 4}
+    assert set(d.test.labels.tolist()) == {5, 6, 7, 8, 9}
+    with pytest.raises(ConfigError, match="train_classes"):
+        load_mnist(str(data_dir), download=False, train_classes=list(range(10)))
+
+
+def test_fashion_mnist_reads_torchvision_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw, "train", rng.integers(0, 256, (300, 28, 28)), np.arange(300) % 10)
+    write_idx(raw, "t10k", rng.integers(0, 256, (50, 28, 28)), np.arange(50) % 10)
+    d = load_fashion_mnist(str(tmp_path), val_size=100, download=False)
+    assert (len(d.train), len(d.val), len(d.test)) == (200, 100, 50)
+    assert d.class_names[9] == "Ankle boot"
+    assert torch.bincount(d.val.labels).tolist() == [10] * 10
+
+
+def test_missing_files_message(tmp_path):
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.*DMLRUN_DATA_DIR"):
+        load_fashion_mnist(str(tmp_path), download=False)
+
+
+def make_folder(root, classes, per_class, size=(20, 16), rgb=False):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            shape = (*size[::-1], 3) if rgb else size[::-1]
+            arr = np.clip(rng.normal(40 * c, 10, shape), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+
+
+def test_image_folder_grey_and_rgb(tmp_path):
+    make_folder(tmp_path / "imgs", ["cat", "dog", "eel"], 20)
+    d = load_image_folder(str(tmp_path / "imgs"), image_size=12, channels=1, val_size=9)
+    assert d.class_names == ["cat", "dog", "eel"] and d.num_classes == 3
+    assert d.train.images.shape[1:] == (1, 12, 12)
+    assert len(d.test) == 12 and len(d.val) == 9 and len(d.train) == 39
+    # class 2 images are brighter than class 0 (pixels survive loading)
+    assert d.train.images[d.train.labels == 2].float().mean() > \
+        d.train.images[d.train.labels == 0].float().mean() + 50
+    make_folder(tmp_path / "rgb", ["a", "b"], 10, rgb=True)
+    make_folder(tmp_path / "rgb_test", ["a", "b"], 3, rgb=True)
+    d = load_image_folder(str(tmp_path / "rgb"), image_size=8, channels=3, val_size=4,
+                          test_root=str(tmp_path / "rgb_test"))
+    assert d.train.images.shape[1:] == (3, 8, 8) and len(d.test) == 6
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_image_folder(str(tmp_path / "nope"))
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    with pytest.raises(UserError, match="at least 2 class"):
+        load_image_folder(str(tmp_path / "one"))
+
+
+def test_stratified_split_exact_size():
+    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 5)
+    picked, rest = stratified_split(labels, 6, torch.Generator().manual_seed(0))
+    assert len(picked) == 6 and len(rest) == 9
+    assert set(picked.tolist()).isdisjoint(rest.tolist())
+    assert torch.bincount(labels[picked], minlength=3).tolist() == [3, 1, 2]
+
+
+def test_image_folder_end_to_end_run(tmp_path):
+    from dmlrun.run import run
+    from tests.conftest import compose_cfg
+
+    make_folder(tmp_path / "imgs", ["a", "b", "c", "d"], 15, rgb=True)
+    cfg = compose_cfg([
+        "dataset=image_folder", f"dataset.root={tmp_path / 'imgs'}", "dataset.channels=3",
+        "dataset.image_size=16", "dataset.val_size=8", "sampler.p=4", "sampler.k=4",
+        "trainer.max_epochs=1", "trainer.device=cpu", "trainer.progress_bar=false",
+    ])
+    summary = run(cfg, tmp_path / "run")
+    assert summary["embedding_dim"] == 2
+    assert (tmp_path / "run" / "plots" / "embedding.png").is_file()
