@@ -1,0 +1,55 @@
+"""Peak memory and time of leave-one-out evaluation on a large embedding set.
+
+    python scripts/bench_eval_memory.py            # 60,000 x 64, 10 classes
+    python scripts/bench_eval_memory.py --n 20000 --dim 128
+
+Peak memory is the process's peak resident set size (ru_maxrss) after evaluating, minus
+the peak before (embeddings already allocated, imports done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from dmlrun.evaluate import clustering_metrics, retrieval_metrics
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=60_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--classes", type=int, default=10)
+    args = p.parse_args()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, args.classes, (args.n,), generator=g)
+    centres = torch.randn(args.classes, args.dim, generator=g) * 2
+    emb = centres[labels] + torch.randn(args.n, args.dim, generator=g)
+    retrieval_metrics(emb[:1000], labels[:1000])  # warm-up: kernels, allocator
+    before = peak_mib()
+    t0 = time.perf_counter()
+    metrics = retrieval_metrics(emb, labels)
+    t_retrieval = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics.update(clustering_metrics(emb, labels))
+    t_cluster = time.perf_counter() - t0
+    after = peak_mib()
+    size = emb.numel() * 4 / 2**20
+    print(f"embeddings {args.n} x {args.dim} float32 = {size:.0f} MiB, torch threads "
+          f"{torch.get_num_threads()}")
+    print(f"peak RSS before {before:.0f} MiB, after {after:.0f} MiB: "
+          f"+{after - before:.0f} MiB for evaluation")
+    print(f"retrieval (P@1, Recall@K, R-precision, MAP@R, kNN) {t_retrieval:.1f} s; "
+          f"k-means NMI/AMI {t_cluster:.1f} s")
+    print("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()
