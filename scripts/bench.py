@@ -4,7 +4,7 @@
     python scripts/bench.py --steps 50           # quicker, fewer steps per path
 
 Training, for the default convnet (2-D), batch 256 (8 classes x 32), triplet loss with
-batch-hard mining, on the current device:
+batch-hard mining, on the current device, the three paths measured in alternating rounds:
   (a) dmlrun: device-resident uint8 data, vectorised P x K sampler and miner;
   (b) the usual stack: torchvision MNIST + DataLoader (ToTensor, Normalize) with
       pytorch-metric-learning's MPerClassSampler, BatchHardMiner and TripletMarginLoss;
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from dmlrun.data.idx import load_mnist
-from dmlrun.data.samplers import PKSampler
+from dmlrun.data.samplers import Epoch, PKSampler
 from dmlrun.evaluate import embed, retrieval_metrics
 from dmlrun.losses import TripletLoss
 from dmlrun.miners import HardMiner
@@ -45,89 +45,105 @@ def model_for(device: torch.device, channels_last: bool, **kw) -> ConvNet:
     return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
-def bench_dmlrun(data, device, steps, amp, channels_last) -> float:
-    model = model_for(device, channels_last)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    sampler = PKSampler(P, K, batches_per_epoch=steps)
-    g = torch.Generator().manual_seed(0)
-    step_cfg = StepConfig(amp, channels_last, log_every=50, progress_bar=False)
-    warm = sampler.epoch(data.train.labels, g)
-    warm.indices = warm.indices[:5]
-    train_epoch(model, TripletLoss(), HardMiner(), opt, data.train, warm, step_cfg)
-    epoch = sampler.epoch(data.train.labels, g)
-    sync(device)
-    t0 = time.perf_counter()
-    stats = train_epoch(model, TripletLoss(), HardMiner(), opt, data.train, epoch, step_cfg)
-    sync(device)
-    return epoch.indices.numel() / (time.perf_counter() - t0), stats
+class DmlrunPath:
+    """(a) dmlrun's own train step, one epoch of batches drawn up front."""
+
+    def __init__(self, data, device, amp, channels_last, steps):
+        self.model = model_for(device, channels_last)
+        self.opt = torch.optim.Adam(self.model.parameters(), 1e-3)
+        self.data, self.loss, self.miner = data, TripletLoss(), HardMiner()
+        self.cfg = StepConfig(amp, channels_last, log_every=10**9, progress_bar=False)
+        g = torch.Generator().manual_seed(0)
+        self.epoch = PKSampler(P, K, batches_per_epoch=steps + 5).epoch(data.train.labels, g)
+        self.pos, self.stats = 0, None
+
+    def run(self, n: int) -> int:
+        part = Epoch(self.epoch.indices[self.pos : self.pos + n])
+        self.pos += n
+        self.stats = train_epoch(self.model, self.loss, self.miner, self.opt, self.data.train,
+                                 part, self.cfg)
+        return part.indices.numel()
 
 
-def bench_usual(root, device, steps, amp, workers) -> float:
-    from pytorch_metric_learning import distances, losses, miners, samplers
-    from torchvision import datasets, transforms
+class UsualPath:
+    """(b) torchvision MNIST + DataLoader + pytorch-metric-learning loss and miner."""
 
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    ds = datasets.MNIST(root, train=True, transform=tf)
-    sampler = samplers.MPerClassSampler(ds.targets, m=K, batch_size=P * K,
-                                        length_before_new_iter=steps * P * K)
-    loader = torch.utils.data.DataLoader(ds, batch_size=P * K, sampler=sampler,
-                                         num_workers=workers, drop_last=True,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=workers > 0)
-    model = model_for(device, False, mean=0.0, std=1.0)  # Normalize is in the transform
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    lp = distances.LpDistance(normalize_embeddings=False)
-    miner, loss_fn = miners.BatchHardMiner(distance=lp), losses.TripletMarginLoss(
-        margin=1.0, distance=lp, reducer=__import__(
-            "pytorch_metric_learning.reducers", fromlist=["MeanReducer"]).MeanReducer())
+    def __init__(self, root, device, amp, workers, steps):
+        from pytorch_metric_learning import distances, losses, miners, reducers, samplers
+        from torchvision import datasets, transforms
 
-    def run(n_steps):
-        n = 0
-        for i, (x, y) in enumerate(loader):
-            if i >= n_steps:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                emb = model(x)
+        tf = transforms.Compose([transforms.ToTensor(),
+                                 transforms.Normalize((0.1307,), (0.3081,))])
+        ds = datasets.MNIST(root, train=True, transform=tf)
+        sampler = samplers.MPerClassSampler(ds.targets, m=K, batch_size=P * K,
+                                            length_before_new_iter=(steps + 5) * P * K)
+        loader = torch.utils.data.DataLoader(ds, batch_size=P * K, sampler=sampler,
+                                             num_workers=workers, drop_last=True,
+                                             pin_memory=device.type == "cuda",
+                                             persistent_workers=workers > 0)
+        self.it = iter(loader)
+        self.model = model_for(device, False, mean=0.0, std=1.0)  # Normalize is in transform
+        self.opt = torch.optim.Adam(self.model.parameters(), 1e-3)
+        lp = distances.LpDistance(normalize_embeddings=False)
+        self.miner = miners.BatchHardMiner(distance=lp)
+        self.loss = losses.TripletMarginLoss(margin=1.0, distance=lp,
+                                             reducer=reducers.MeanReducer())
+        self.device, self.amp = device, amp
+
+    def run(self, n: int) -> int:
+        done = 0
+        for _ in range(n):
+            x, y = next(self.it)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                emb = self.model(x)
             emb = emb.float()
-            loss = loss_fn(emb, y, miner(emb, y))
-            opt.zero_grad()
+            loss = self.loss(emb, y, self.miner(emb, y))
+            self.opt.zero_grad()
             loss.backward()
-            opt.step()
-            n += len(y)
-        return n
-
-    run(5)
-    sync(device)
-    t0 = time.perf_counter()
-    n = run(steps)
-    sync(device)
-    return n / (time.perf_counter() - t0)
+            self.opt.step()
+            done += len(y)
+        return done
 
 
-def bench_ceiling(device, steps, amp, channels_last) -> float:
-    model = model_for(device, channels_last)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    x = torch.rand(P * K, 1, 28, 28, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+class CeilingPath:
+    """(c) forward + backward + optimizer step on one fixed in-memory batch."""
 
-    def step():
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            emb = model(x)
-        loss = emb.float().pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    def __init__(self, device, amp, channels_last):
+        self.model = model_for(device, channels_last)
+        self.opt = torch.optim.Adam(self.model.parameters(), 1e-3)
+        self.x = torch.rand(P * K, 1, 28, 28, device=device)
+        if channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.device, self.amp = device, amp
 
-    for _ in range(5):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return steps * P * K / (time.perf_counter() - t0)
+    def run(self, n: int) -> int:
+        for _ in range(n):
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                emb = self.model(self.x)
+            loss = emb.float().pow(2).mean()
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+        return n * P * K
+
+
+def interleaved(paths: dict, steps: int, device, rounds: int = 4) -> dict[str, float]:
+    """samples/s per path, measured in alternating rounds so that drifts in machine speed
+    hit every path alike."""
+    for p in paths.values():
+        p.run(3)  # warm-up
+    seconds = dict.fromkeys(paths, 0.0)
+    samples = dict.fromkeys(paths, 0)
+    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    for n in per_round:
+        for name, p in paths.items():
+            sync(device)
+            t0 = time.perf_counter()
+            samples[name] += p.run(n)
+            sync(device)
+            seconds[name] += time.perf_counter() - t0
+    return {k: samples[k] / seconds[k] for k in paths}
 
 
 def bench_eval(data, root, device) -> tuple[float, float, dict, dict]:
@@ -161,6 +177,33 @@ def bench_eval(data, root, device) -> tuple[float, float, dict, dict]:
     return t_ours, t_ref, ours, ref
 
 
+def bench_scaling(data, device, amp, channels_last, steps=15) -> None:
+    """dmlrun samples/s and miner cost per step against batch size (8 classes x B/8)."""
+    from dmlrun.miners import SemiHardMiner
+
+    print("\n| batch | train samples/s | hard miner ms/step | semihard miner ms/step |")
+    print("|---|---|---|---|")
+    global K
+    k0 = K
+    for b in (64, 128, 256, 512, 1024):
+        K = b // P
+        path = DmlrunPath(data, device, amp, channels_last, steps + 3)
+        rate = interleaved({"a": path}, steps, device, rounds=1)["a"]
+        emb = torch.randn(b, 2, device=device)
+        labels = torch.arange(P, device=device).repeat_interleave(K)
+        times = []
+        for miner in (HardMiner(), SemiHardMiner(margin=1.0)):
+            miner(emb, labels)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(10):
+                miner(emb, labels)
+            sync(device)
+            times.append((time.perf_counter() - t0) / 10 * 1000)
+        print(f"| {b} | {rate:,.0f} | {times[0]:.2f} | {times[1]:.1f} |")
+    K = k0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None,
@@ -168,6 +211,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for (b)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=os.environ.get("DMLRUN_DATA_DIR", "data"))
+    p.add_argument("--scaling", action="store_true",
+                   help="only the batch-size scaling table (samples/s, miner cost)")
     args = p.parse_args()
     device = torch.device(args.device)
     amp = torch.bfloat16 if device.type == "cuda" else None
@@ -179,10 +224,15 @@ def main() -> None:
         f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, amp {amp}, batch {P}x{K}, {steps} steps per path, torch "
           f"{torch.__version__}")
+    if args.scaling:
+        bench_scaling(data, device, amp, channels_last)
+        return
 
-    a, stats = bench_dmlrun(data, device, steps, amp, channels_last)
-    b = bench_usual(root, device, steps, amp, args.workers)
-    c = bench_ceiling(device, steps, amp, channels_last)
+    ours = DmlrunPath(data, device, amp, channels_last, steps + 3)
+    rates = interleaved({"a": ours, "b": UsualPath(root, device, amp, args.workers, steps + 3),
+                         "c": CeilingPath(device, amp, channels_last)}, steps, device)
+    a, b, c = rates["a"], rates["b"], rates["c"]
+    stats = ours.stats
     print("\n| path | samples/s |\n|---|---|")
     print(f"| (a) dmlrun | {a:,.0f} |")
     print(f"| (b) torchvision DataLoader ({args.workers} workers) + pml | {b:,.0f} |")

@@ -135,3 +135,13 @@ def test_pml_batch_easy_hard_miner_agrees():
     a1, p, a2, n = ref(emb, labels)
     ref_triplets = {(int(x), int(y), int(z)) for x, y, z in zip(a1, p, n, strict=True)}
     assert as_set(HardMiner(positive="easiest")(emb, labels).indices) == ref_triplets
+
+
+def test_semihard_blocks_give_the_same_triplets():
+    g = torch.Generator().manual_seed(6)
+    emb = torch.randn(40, 2, generator=g)
+    labels = torch.arange(40) % 4
+    whole = SemiHardMiner(margin=0.5)(emb, labels).indices
+    small = SemiHardMiner(margin=0.5)
+    small.max_grid = 40 * 40 * 3  # three anchors per block
+    assert as_set(small(emb, labels).indices) == as_set(whole)

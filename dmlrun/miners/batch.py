@@ -42,6 +42,8 @@ class SemiHardMiner(Miner):
     D(a, p) < D(a, n) <= D(a, p) + margin (negatives farther than the positive but
     still inside the margin)."""
 
+    max_grid = 2**24  # (a, p, n) cells examined at once
+
     def __init__(self, distance: Distance | None = None, margin: float = 0.2) -> None:
         super().__init__(distance)
         if margin <= 0:
@@ -51,9 +53,18 @@ class SemiHardMiner(Miner):
     def mine(self, embeddings, labels):
         dist = self.distance.pairwise(embeddings, embeddings)
         pos, neg = label_masks(labels)
-        gap = dist[:, None, :] - dist[:, :, None]  # gap[a, p, n] = D(a,n) - D(a,p)
-        valid = pos[:, :, None] & neg[:, None, :] & (gap > 0) & (gap <= self.margin)
-        a, p, n = torch.nonzero(valid, as_tuple=True)
+        b = len(labels)
+        # the (a, p, n) grid is B^3: walk it in blocks of anchors to bound memory
+        block = max(1, self.max_grid // max(b * b, 1))
+        found = []
+        for s in range(0, b, block):
+            d = dist[s : s + block]
+            gap = d[:, None, :] - d[:, :, None]  # gap[a, p, n] = D(a,n) - D(a,p)
+            valid = pos[s : s + block, :, None] & neg[s : s + block, None, :]
+            valid &= (gap > 0) & (gap <= self.margin)
+            a, p, n = torch.nonzero(valid, as_tuple=True)
+            found.append((a + s, p, n))
+        a, p, n = (torch.cat(t) for t in zip(*found, strict=True))
         return a, p, n
 
 
