@@ -219,7 +219,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         f"epoch {best['epoch']} - P@1 {test['precision_at_1']:.3f} MAP@R {test['map_at_r']:.3f}",
         xlabel=how,
     )
-    plots.curves(history, plot_dir / "curves.png", ["precision_at_1", "map_at_r", "r_precision"])
+    plots.curves(history, plot_dir / "curves.png",
+                 ["precision_at_1", "map_at_r", "r_precision", "nmi"])
     if frames:
         plots.epoch_frames(frames, data.val.labels[frame_idx], plot_dir / "epochs",
                            f"{data.name} val: loss={names['loss']} miner={names['miner']}")

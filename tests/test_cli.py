@@ -101,6 +101,15 @@ def test_missing_data_names_files(tmp_path):
     assert "DMLRUN_DATA_DIR" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_early_stopping_stops(tmp_path, data_dir):
+    # patience 1 with a learning rate of 0: no epoch after the first can improve
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.max_epochs=4",
+                              "trainer.early_stopping_patience=1", "optimizer.lr=0",
+                              "evaluation.baselines=false", "scheduler=none"])
+    summary = run(cfg, tmp_path / "run")
+    assert summary["epochs"] == 2 and summary["best_epoch"] == 1
+
+
 @pytest.mark.parametrize("overrides", [
     ["loss=triplet", "miner=hard"],
     ["experiment=siamese_pairs"],

@@ -148,3 +148,15 @@ def test_evaluate_embeddings_has_every_metric():
     out = evaluate_embeddings(emb, labels)
     assert set(out) == set(METRIC_NAMES)
     assert all(0.0 <= v <= 1.0 for k, v in out.items() if k != "ami")
+
+
+def test_tsne_and_pca_projection():
+    from dmlrun.plots import project_2d
+
+    emb, _ = random_set(120, 6, 3, 9)
+    pts, how = project_2d(emb.float(), "pca")
+    assert pts.shape == (120, 2) and "PCA of 6-D" in how
+    pts, how = project_2d(emb.float(), "tsne")
+    assert pts.shape == (120, 2) and "t-SNE" in how
+    with pytest.raises(ValueError, match="pca or tsne"):
+        project_2d(emb.float(), "umap")
