@@ -120,7 +120,51 @@ class PKSampler:
         return Epoch(idx.view(nb, self.batch_size).to(labels.device))
 
 
-class PairSampler:
+class _OfflineSampler:
+    """Shared part of the offline samplers: ``n`` anchors per batch, each with partners
+    drawn per class. Subclasses set ``yields``, ``members`` (images per anchor) and
+    write ``layout``."""
+
+    yields = ""
+    members = 1
+
+    def __init__(self, n: int, batches_per_epoch: int | None) -> None:
+        if n < 1:
+            raise ConfigError(f"sampler={self.yields} needs >= 1 {self.yields} per batch, got {n}")
+        self.n = int(n)
+        self.batches_per_epoch = batches_per_epoch
+
+    @property
+    def batch_size(self) -> int:
+        return self.members * self.n
+
+    def check(self, num_classes: int) -> None:
+        if num_classes < 2:
+            raise ConfigError(f"sampler={self.yields} needs at least 2 classes")
+
+    def epoch(self, labels: torch.Tensor, g: torch.Generator) -> Epoch:
+        ci = _ClassIndex(labels)
+        self.check(len(ci.classes))
+        nb = _num_batches(len(labels), self.batch_size, self.batches_per_epoch)
+        anchors = _draw_anchors(len(labels), nb * self.n, g)
+        columns, tuples = self.layout(ci, anchors, g)
+        idx = torch.stack([c.view(nb, self.n) for c in columns], 1).view(nb, -1)
+        return Epoch(idx.to(labels.device), tuple(t.to(labels.device) for t in tuples))
+
+    def layout(
+        self, ci: _ClassIndex, anchors: torch.Tensor, g: torch.Generator
+    ) -> tuple[list[torch.Tensor], Tuples]:
+        """(columns of the batch, each like ``anchors``; within-batch tuples)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def other_class(ci: _ClassIndex, cls: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """A uniformly random class other than each of ``cls``."""
+        n_cls = len(ci.classes)
+        return (cls + torch.randint(1, n_cls, cls.shape, generator=g)) % n_cls
+
+
+class PairSampler(_OfflineSampler):
     """Offline Siamese pairs: each batch holds ``pairs_per_batch`` anchors and one
     partner each, a ``positive_fraction`` of them from the anchor's class.
 
@@ -128,84 +172,44 @@ class PairSampler:
     """
 
     yields = "pairs"
+    members = 2
 
     def __init__(
         self, pairs_per_batch: int, positive_fraction: float = 0.5,
         batches_per_epoch: int | None = None,
     ) -> None:
-        if pairs_per_batch < 1 or not 0.0 <= positive_fraction <= 1.0:
-            raise ConfigError(
-                "sampler=pairs needs pairs_per_batch >= 1 and positive_fraction in [0, 1]; "
-                f"got {pairs_per_batch}, {positive_fraction}"
-            )
-        self.n = int(pairs_per_batch)
+        super().__init__(pairs_per_batch, batches_per_epoch)
+        if not 0.0 <= positive_fraction <= 1.0:
+            raise ConfigError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
         self.n_pos = round(self.n * positive_fraction)
-        self.batches_per_epoch = batches_per_epoch
 
-    @property
-    def batch_size(self) -> int:
-        return 2 * self.n
-
-    def check(self, num_classes: int) -> None:
-        if num_classes < 2:
-            raise ConfigError("sampler=pairs needs at least 2 classes")
-
-    def epoch(self, labels: torch.Tensor, g: torch.Generator) -> Epoch:
-        ci = _ClassIndex(labels)
-        n_cls = len(ci.classes)
-        self.check(n_cls)
-        nb = _num_batches(len(labels), self.batch_size, self.batches_per_epoch)
-        anchors = _draw_anchors(len(labels), nb * self.n, g).view(nb, self.n)
+    def layout(self, ci, anchors, g):
         a_cls = ci.inverse[anchors]
-        positive = torch.zeros(nb, self.n, dtype=torch.bool)
-        positive[:, : self.n_pos] = True
-        other = (a_cls + torch.randint(1, n_cls, a_cls.shape, generator=g)) % n_cls
-        p_cls = torch.where(positive, a_cls, other)
-        partners = ci.random_member(p_cls.flatten(), g, avoid=anchors.flatten()).view(nb, -1)
-        n, n_pos = self.n, self.n_pos
-        r = torch.arange(n)
-        tuples = (r[:n_pos], n + r[:n_pos], r[n_pos:], n + r[n_pos:])
-        dev = labels.device
-        return Epoch(
-            torch.cat([anchors, partners], 1).to(dev), tuple(t.to(dev) for t in tuples)
-        )
+        positive = (torch.arange(len(anchors)) % self.n) < self.n_pos
+        p_cls = torch.where(positive, a_cls, self.other_class(ci, a_cls, g))
+        partners = ci.random_member(p_cls, g, avoid=anchors)
+        n, n_pos, r = self.n, self.n_pos, torch.arange(self.n)
+        return [anchors, partners], (r[:n_pos], n + r[:n_pos], r[n_pos:], n + r[n_pos:])
 
 
-class TripletSampler:
+class TripletSampler(_OfflineSampler):
     """Offline random triplets: anchor, a positive of its class, a negative of another.
 
     Batch layout: ``[anchors (n) | positives (n) | negatives (n)]``; tuples ``(a, p, n)``.
     """
 
     yields = "triplets"
+    members = 3
 
     def __init__(self, triplets_per_batch: int, batches_per_epoch: int | None = None) -> None:
-        if triplets_per_batch < 1:
-            raise ConfigError(f"triplets_per_batch must be >= 1, got {triplets_per_batch}")
-        self.n = int(triplets_per_batch)
-        self.batches_per_epoch = batches_per_epoch
+        super().__init__(triplets_per_batch, batches_per_epoch)
 
-    @property
-    def batch_size(self) -> int:
-        return 3 * self.n
-
-    def check(self, num_classes: int) -> None:
-        if num_classes < 2:
-            raise ConfigError("sampler=triplets needs at least 2 classes")
-
-    def epoch(self, labels: torch.Tensor, g: torch.Generator) -> Epoch:
-        ci = _ClassIndex(labels)
-        n_cls = len(ci.classes)
-        self.check(n_cls)
-        nb = _num_batches(len(labels), self.batch_size, self.batches_per_epoch)
-        anchors = _draw_anchors(len(labels), nb * self.n, g)
+    def layout(self, ci, anchors, g):
         a_cls = ci.inverse[anchors]
         pos = ci.random_member(a_cls, g, avoid=anchors)
-        neg_cls = (a_cls + torch.randint(1, n_cls, a_cls.shape, generator=g)) % n_cls
-        neg = ci.random_member(neg_cls, g)
-        idx = torch.stack([x.view(nb, self.n) for x in (anchors, pos, neg)], 1).view(nb, -1)
-        r = torch.arange(self.n, device=labels.device)
-        return Epoch(idx.to(labels.device), (r, self.n + r, 2 * self.n + r))
+        neg = ci.random_member(self.other_class(ci, a_cls, g), g)
+        r = torch.arange(self.n)
+        return [anchors, pos, neg], (r, self.n + r, 2 * self.n + r)
 
 
 def _draw_anchors(n_items: int, count: int, g: torch.Generator) -> torch.Tensor:
