@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-MAX_SUFFIX = 80
+MAX_SUFFIX = 200  # folder names stay well under the 255-byte limit
 
 
 def run_dir_suffix(override_dirname: str) -> str:

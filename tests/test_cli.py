@@ -146,3 +146,15 @@ def test_evaluate_command_bad_path(tmp_path):
                   exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])
     assert res.returncode == 2 and "checkpoint not found" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_multirun_writes_one_folder_per_job(tmp_path, data_dir):
+    res = run_cli(["-m", *TINY, "trainer.epoch_plots=false", "evaluation.baselines=false",
+                   "loss=contrastive,triplet", "miner=easy_hard",
+                   f"paths.multirun_dir={tmp_path}/multirun"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summaries = sorted((tmp_path / "multirun").glob("*/*/*/summary.json"))
+    assert len(summaries) == 2
+    losses = {json.loads(p.read_text())["choices"]["loss"] for p in summaries}
+    assert losses == {"contrastive", "triplet"}
+    assert all("loss=" in p.parent.name for p in summaries)
