@@ -58,6 +58,16 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot build {what} from config: {exc}") from exc
 
 
+def build_partial(node: DictConfig, what: str, *args: Any) -> Any:
+    """Instantiate a ``_partial_`` node and call it with ``args`` (the optimizer with the
+    model's parameters, the scheduler with the optimizer); bad values become ConfigError."""
+    factory = build(node, what)
+    try:
+        return factory(*args)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot build {what} from config: {exc}") from exc
+
+
 def build_components(cfg: DictConfig) -> Components:
     """Loss, miner and sampler from config, checked for compatibility."""
     loss = build(cfg.loss, f"loss={choice(cfg, 'loss')}")

@@ -20,6 +20,7 @@ from dmlrun import checkpoint, plots
 from dmlrun.components import (
     build,
     build_components,
+    build_partial,
     choice,
     has_target,
     resolve_amp,
@@ -120,9 +121,10 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     channels_last = bool(tcfg.channels_last) and device.type == "cpu"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
-    scheduler = build(cfg.scheduler, "scheduler")(optimizer) if has_target(cfg.scheduler) \
-        else None
+    optimizer = build_partial(cfg.optimizer, f"optimizer={choice(cfg, 'optimizer')}",
+                              model.parameters())
+    scheduler = build_partial(cfg.scheduler, f"scheduler={choice(cfg, 'scheduler')}",
+                              optimizer) if has_target(cfg.scheduler) else None
     distance = parts.loss.distance
     sampler_rng = torch.Generator().manual_seed(int(cfg.seed))
 

@@ -158,3 +158,18 @@ def test_multirun_writes_one_folder_per_job(tmp_path, data_dir):
     losses = {json.loads(p.read_text())["choices"]["loss"] for p in summaries}
     assert losses == {"contrastive", "triplet"}
     assert all("loss=" in p.parent.name for p in summaries)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("model.embedding_dim=0", "cannot build model=.*embedding_dim >= 1"),
+    ("optimizer.lr=abc", "cannot build optimizer="),
+    ("loss.margin=-1", "cannot build loss=.*margin >= 0"),
+    ("trainer.monitor=accuracy", "not a validation metric"),
+])
+def test_bad_values_raise_config_error(tmp_path, data_dir, bad, match):
+    from dmlrun.errors import ConfigError
+
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", bad])
+    with pytest.raises(ConfigError, match=match):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,6 +14,8 @@ class Embedder(nn.Module):
 
     def __init__(self, embedding_dim: int, l2_normalize: bool, mean: float, std: float) -> None:
         super().__init__()
+        if embedding_dim < 1 or std <= 0:
+            raise ValueError(f"need embedding_dim >= 1 and std > 0, got {embedding_dim}, {std}")
         self.embedding_dim = embedding_dim
         self.l2_normalize = l2_normalize
         self.register_buffer("mean", torch.tensor(float(mean)))
