@@ -48,7 +48,7 @@ def retrieval_metrics(
     distance: Distance | None = None,
     recall_ks: tuple[int, ...] = RECALL_KS,
     knn_k: int = 5,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
 ) -> dict[str, float]:
     """Precision@1, Recall@K, R-precision, MAP@R and kNN accuracy for (N, D) queries.
 
@@ -56,12 +56,15 @@ def retrieval_metrics(
     R for a query is the number of references of its class (itself excluded);
     queries with R = 0 are left out of the R-based metrics. kNN accuracy is the
     majority label of the ``knn_k`` nearest references (ties: the smallest label).
+    ``chunk_size`` queries are searched at once (default: about 16M distances per chunk).
     """
     distance = distance if distance is not None else EuclideanDistance()
     leave_one_out = reference is None
     if leave_one_out:
         reference, reference_labels = queries, query_labels
     assert reference is not None and reference_labels is not None
+    if chunk_size is None:
+        chunk_size = min(1024, max(16, 2**24 // len(reference)))
     classes, ref_counts = torch.unique(reference_labels, return_counts=True)
     count_of = torch.zeros(int(classes.max()) + 1, dtype=torch.long, device=queries.device)
     count_of[classes] = ref_counts

@@ -30,7 +30,7 @@ def main() -> None:
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, args.classes, (args.n,), generator=g)
-    centres = torch.randn(args.classes, args.dim, generator=g) * 2
+    centres = torch.randn(args.classes, args.dim, generator=g) * 0.3  # overlapping classes
     emb = centres[labels] + torch.randn(args.n, args.dim, generator=g)
     retrieval_metrics(emb[:1000], labels[:1000])  # warm-up: kernels, allocator
     before = peak_mib()
