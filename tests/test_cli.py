@@ -158,6 +158,13 @@ def test_multirun_writes_one_folder_per_job(tmp_path, data_dir):
     losses = {json.loads(p.read_text())["choices"]["loss"] for p in summaries}
     assert losses == {"contrastive", "triplet"}
     assert all("loss=" in p.parent.name for p in summaries)
+    from dmlrun.summarize import summarize
+
+    (sweep,) = {p.parent.parent for p in summaries}
+    result = summarize([str(sweep)], "test.precision_at_1")
+    assert result["varying"] == ["loss"] and not result["problems"]
+    assert {r["loss"] for r in result["rows"]} == {"contrastive", "triplet"}
+    assert (sweep / "comparison.png").is_file()
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -1,0 +1,193 @@
+"""``dmlrun-summarize``: turn a multirun (or a list of run folders) into a comparison table.
+
+Finds every run folder (one with ``.hydra/config.yaml``), works out which command-line
+settings (``.hydra/overrides.yaml``) vary between runs, groups runs by them (seeds
+pooled), and reports per group the mean, standard deviation and 95% confidence interval
+(Student t) of each metric. Failed and unfinished runs are listed, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+IGNORED_PREFIXES = ("paths.", "hydra.", "tag")
+EXCLUDED = ("trainer.progress_bar", "trainer.device")
+POOLED = ("seed",)
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    config: dict[str, str]
+    status: str  # finished | failed | unfinished
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    key: tuple[tuple[str, str], ...]
+    runs: list[RunInfo]
+
+    def stats(self, metric: str) -> tuple[int, float, float, float]:
+        """(n, mean, sample std, 95% CI half-width) of ``metric`` over finished runs."""
+        values = [r.metrics[metric] for r in self.runs if metric in r.metrics]
+        return mean_std_ci(values)
+
+
+def mean_std_ci(values: list[float]) -> tuple[int, float, float, float]:
+    """n, mean, sample std (ddof 1) and the half-width of the 95% Student-t interval."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n == 0:
+        return 0, math.nan, math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return 1, mean, math.nan, math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return n, mean, std, float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    found = []
+    for p in map(Path, paths):
+        if (p / ".hydra" / "config.yaml").is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(c.parent.parent for c in p.rglob(".hydra/config.yaml")))
+    return sorted(set(found))
+
+
+def load_run(path: Path) -> RunInfo:
+    """A run's settings (its overrides, ``key -> value``), status and summary metrics."""
+    over_file = path / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(over_file)) if over_file.is_file() else []
+    flat = {}
+    for item in overrides or []:
+        key, _, value = str(item).lstrip("+~").partition("=")
+        if not key.startswith(IGNORED_PREFIXES) and key not in EXCLUDED:
+            flat[key] = value
+    summary = path / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        metrics = {f"test.{k}": v for k, v in s.get("test", {}).items()}
+        metrics.update({f"val.{k}": v for k, v in s.get("val", {}).items()})
+        metrics["wall_seconds"] = s.get("wall_seconds", math.nan)
+        return RunInfo(path, flat, "finished", metrics)
+    return RunInfo(path, flat, "failed" if (path / "FAILED").exists() else "unfinished")
+
+
+def group_runs(runs: list[RunInfo]) -> tuple[list[str], list[Group]]:
+    """The config keys that vary (seed excluded) and the runs grouped by their values."""
+    keys = sorted({k for r in runs for k in r.config})
+    varying = [k for k in keys if k not in POOLED
+               and len({r.config.get(k, "") for r in runs}) > 1]
+    groups: dict[tuple, list[RunInfo]] = {}
+    for r in runs:
+        groups.setdefault(tuple((k, r.config.get(k, "")) for k in varying), []).append(r)
+    return varying, [Group(k, v) for k, v in groups.items()]
+
+
+def table_rows(varying: list[str], groups: list[Group], metrics: list[str]) -> list[dict]:
+    rows = []
+    for g in groups:
+        row = dict(g.key)
+        row["runs"] = len(g.runs)
+        for m in metrics:
+            n, mean, std, ci = g.stats(m)
+            row.update({f"{m} n": n, f"{m} mean": mean, f"{m} std": std, f"{m} ci95": ci})
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no runs)\n"
+    cols = list(rows[0])
+
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(rows: list[dict], metric: str, path: Path, label_cols: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [", ".join(str(r[c]) for c in label_cols) or "all" for r in rows]
+    means = [r[f"{metric} mean"] for r in rows]
+    cis = [0.0 if math.isnan(r[f"{metric} ci95"]) else r[f"{metric} ci95"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
+    ax.bar(range(len(rows)), means, yerr=cis, capsize=5, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric} (mean, 95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarize(paths: list[str], metric: str, out_dir: Path | None = None) -> dict:
+    """Summarize the runs under ``paths``; write summary.md, summary.csv, comparison.png to
+    ``out_dir`` (default: the first path). Returns rows and the failed/unfinished runs."""
+    run_dirs = find_runs(paths)
+    if not run_dirs:
+        raise FileNotFoundError(f"no run folders (with .hydra/config.yaml) under {paths}")
+    runs = [load_run(p) for p in run_dirs]
+    finished = [r for r in runs if r.status == "finished"]
+    varying, groups = group_runs(runs)
+    metrics = [metric] + [m for m in ("test.precision_at_1", "test.map_at_r", "test.nmi",
+                                      "val.precision_at_1") if m != metric]
+    rows = table_rows(varying, groups, metrics)
+    rows.sort(key=lambda r: -r[f"{metric} mean"] if not math.isnan(r[f"{metric} mean"])
+              else math.inf)
+    out_dir = Path(out_dir or paths[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.md").write_text(to_markdown(rows))
+    with open(out_dir / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    if finished:
+        comparison_plot(rows, metric, out_dir / "comparison.png", varying)
+    problems = [(str(r.path), r.status) for r in runs if r.status != "finished"]
+    return {"rows": rows, "varying": varying, "problems": problems, "out_dir": str(out_dir)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dmlrun-summarize", description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", help="multirun folder(s) or run folders")
+    p.add_argument("--metric", default="test.precision_at_1",
+                   help="sort key, e.g. test.map_at_r or val.precision_at_1")
+    p.add_argument("--out", help="folder for summary.md/.csv and comparison.png "
+                                 "(default: the first path; these derived files are rewritten)")
+    args = p.parse_args(argv)
+    try:
+        result = summarize(args.paths, args.metric, Path(args.out) if args.out else None)
+    except (FileNotFoundError, KeyError) as exc:
+        print(f"dmlrun-summarize: error: {exc}", file=sys.stderr)
+        return 2
+    cols = [c for c in result["rows"][0] if not c.endswith((" n", " std")) or
+            c.startswith(args.metric)]
+    print(to_markdown([{c: r[c] for c in cols} for r in result["rows"]]), end="")
+    for path, status in result["problems"]:
+        print(f"{status}: {path}")
+    print(f"written: {result['out_dir']}/summary.md, summary.csv, comparison.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""dmlrun-summarize on run folders laid out as Hydra writes them."""
+
+import json
+import math
+
+import pytest
+
+from dmlrun.summarize import main, mean_std_ci, summarize
+
+
+def fake_run(root, name, overrides, p1=None, failed=False):
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if p1 is not None:
+        (d / "summary.json").write_text(json.dumps(
+            {"test": {"precision_at_1": p1, "map_at_r": p1 / 2, "nmi": 0.5},
+             "val": {"precision_at_1": p1}, "wall_seconds": 1.0}))
+    if failed:
+        (d / "FAILED").write_text("boom\n")
+    return d
+
+
+def test_ci_matches_hand_computation():
+    n, mean, std, ci = mean_std_ci([0.90, 0.92, 0.97])
+    assert n == 3 and mean == pytest.approx(0.93)
+    assert std == pytest.approx(math.sqrt(((0.03) ** 2 + (0.01) ** 2 + (0.04) ** 2) / 2))
+    # t(0.975, df=2) = 4.302653
+    assert ci == pytest.approx(4.302653 * std / math.sqrt(3), rel=1e-6)
+
+
+def test_groups_by_varying_settings_and_pools_seeds(tmp_path):
+    values = {("contrastive", "hard"): [0.90, 0.92, 0.97],
+              ("triplet", "hard"): [0.80, 0.81, 0.79],
+              ("contrastive", "semihard"): [0.95, 0.96, 0.94],
+              ("triplet", "semihard"): [0.5, 0.6, 0.7]}
+    i = 0
+    for (loss, miner), ps in values.items():
+        for seed, p1 in enumerate(ps):
+            fake_run(tmp_path, f"{i}", [f"loss={loss}", f"miner={miner}", f"seed={seed}",
+                                        "trainer.max_epochs=1"], p1)
+            i += 1
+    fake_run(tmp_path, "99", ["loss=triplet", "miner=hard", "seed=3", "trainer.max_epochs=1"],
+             failed=True)
+    fake_run(tmp_path, "98", ["loss=triplet", "miner=hard", "seed=4", "trainer.max_epochs=1"])
+    result = summarize([str(tmp_path)], "test.precision_at_1")
+    rows = result["rows"]
+    assert result["varying"] == ["loss", "miner"]
+    assert len(rows) == 4 and all(r["test.precision_at_1 n"] == 3 for r in rows)
+    assert [(r["loss"], r["miner"]) for r in rows][0] == ("contrastive", "semihard")  # sorted
+    first = next(r for r in rows if (r["loss"], r["miner"]) == ("contrastive", "hard"))
+    n, mean, std, ci = mean_std_ci([0.90, 0.92, 0.97])
+    assert first["test.precision_at_1 mean"] == pytest.approx(mean)
+    assert first["test.precision_at_1 ci95"] == pytest.approx(ci)
+    assert first["runs"] == 3
+    assert sorted(s for _, s in result["problems"]) == ["failed", "unfinished"]
+    for f in ("summary.md", "summary.csv", "comparison.png"):
+        assert (tmp_path / f).is_file()
+    triplet_hard = next(r for r in rows if (r["loss"], r["miner"]) == ("triplet", "hard"))
+    assert triplet_hard["runs"] == 5 and triplet_hard["test.precision_at_1 n"] == 3
+
+
+def test_command_lists_problems_and_errors(tmp_path, capsys):
+    fake_run(tmp_path, "a", ["loss=triplet"], 0.9)
+    fake_run(tmp_path, "b", ["loss=contrastive"], failed=True)
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| triplet |" in out and "failed:" in out
+    assert main([str(tmp_path / "empty")]) == 2
