@@ -83,8 +83,6 @@ def check_compatible(cfg: DictConfig, parts: Components) -> None:
     loss_name, miner_name = choice(cfg, "loss"), choice(cfg, "miner")
     sampler_name = choice(cfg, "sampler")
     offline = getattr(parts.sampler, "yields", None)
-    if not isinstance(parts.loss, MetricLoss) and not callable(parts.loss):
-        raise ConfigError(f"loss={loss_name} is not a loss (no compute/forward)")
     if offline is not None and parts.miner is not None:
         raise ConfigError(
             f"sampler={sampler_name} draws fixed {offline}, so there is nothing to mine; "

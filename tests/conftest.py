@@ -42,9 +42,8 @@ def compose_cfg(overrides: list[str] | None = None):
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600,
             exe: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run the real ``dmlrun`` command in a subprocess."""
-    env = {**os.environ, "DMLRUN_DATA_DIR": str(DATA_DIR), "HYDRA_FULL_ERROR": "0",
-           **(env_extra or {})}
-    env.pop("HYDRA_FULL_ERROR", None)
+    env = {**os.environ, "DMLRUN_DATA_DIR": str(DATA_DIR), **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)  # the tests assert on the short, user-facing errors
     cmd = (exe or [sys.executable, "-m", "dmlrun"]) + args
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from dmlrun.distances import Distance, EuclideanDistance
+from dmlrun.tuples import num_tuples
 
 
 class MiningResult(NamedTuple):
@@ -32,10 +33,7 @@ class Miner:
             )
         with torch.no_grad():
             indices = self.mine(embeddings.detach().float(), labels)
-        mined = torch.tensor(len(indices[0]), device=labels.device)
-        if len(indices) == 4:
-            mined = mined + len(indices[2])
-        return MiningResult(indices, mined)
+        return MiningResult(indices, torch.tensor(num_tuples(indices), device=labels.device))
 
     def mine(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
