@@ -1,0 +1,61 @@
+"""The CUDA path: same numbers as the CPU for mining and metrics, and a real run on the GPU.
+Skipped where no GPU is present."""
+
+import json
+
+import pytest
+import torch
+
+from dmlrun.evaluate import clustering_metrics, retrieval_metrics
+from dmlrun.losses import ContrastiveLoss, TripletLoss
+from dmlrun.miners import HardMiner, SemiHardMiner
+from tests.conftest import TINY, run_cli
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _batch(n_classes: int = 8, per_class: int = 16, dim: int = 8):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    emb = torch.randn(len(labels), dim, generator=g) + labels[:, None].float() * 0.3
+    return emb, labels
+
+
+@pytest.mark.parametrize("miner", [HardMiner(), SemiHardMiner(margin=0.5)])
+def test_miners_pick_the_same_tuples_on_cuda(miner):
+    emb, labels = _batch()
+    cpu = miner(emb, labels)
+    gpu = miner(emb.cuda(), labels.cuda())
+    for a, b in zip(cpu.indices, gpu.indices, strict=True):
+        assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("loss", [ContrastiveLoss(), TripletLoss()])
+def test_losses_match_cpu(loss):
+    emb, labels = _batch()
+    ref = loss(emb, labels, HardMiner()(emb, labels).indices)
+    got = loss(emb.cuda(), labels.cuda(), HardMiner()(emb.cuda(), labels.cuda()).indices)
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_metrics_match_cpu():
+    emb, labels = _batch(10, 50, 4)
+    ref = retrieval_metrics(emb, labels)
+    got = retrieval_metrics(emb.cuda(), labels.cuda())
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k
+    ref_c = clustering_metrics(emb, labels, seed=0)
+    got_c = clustering_metrics(emb.cuda(), labels.cuda(), seed=0)
+    assert got_c["nmi"] == pytest.approx(ref_c["nmi"], abs=0.05)
+
+
+def test_cli_trains_on_cuda_with_amp(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("trainer.device")]
+    res = run_cli(args + ["trainer.device=cuda", "trainer.amp=true", f"hydra.run.dir={run_dir}"],
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["device"] == torch.cuda.get_device_name()
+    assert summary["test"]["precision_at_1"] > 0.3
+    assert (run_dir / "plots" / "embedding.png").stat().st_size > 0
