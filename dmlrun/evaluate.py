@@ -125,7 +125,7 @@ def clustering_metrics(
     """NMI and AMI between the labels and k-means (k = number of classes present).
     For cosine distance the points are L2-normalised first."""
     x = embeddings.float()
-    if isinstance(distance, CosineDistance):
+    if isinstance(distance, CosineDistance) or getattr(distance, "normalize", False):
         x = torch.nn.functional.normalize(x, dim=1)
     k = len(torch.unique(labels))
     clusters = kmeans(x, k, seed=seed)

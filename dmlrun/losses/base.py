@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dmlrun.distances import Distance, EuclideanDistance
-from dmlrun.tuples import all_pairs, is_pairs, triplets_to_pairs
+from dmlrun.tuples import all_pairs, is_pairs, label_masks, triplets_to_pairs
 
 REDUCTIONS = ("sum", "mean", "mean_active")
 
@@ -26,6 +26,10 @@ class MetricLoss(nn.Module):
     sampler: ``"pairs"`` ``(a1, p, a2, n)`` and/or ``"triplets"`` ``(a, p, n)``."""
 
     accepts: tuple[str, ...] = ("pairs", "triplets")
+    # Names of the distances the loss's formula is meant for; empty = any.
+    distances: tuple[str, ...] = ()
+    # Learning rate for the loss's own parameters (proxies, beta); None = the optimizer's.
+    param_lr: float | None = None
 
     def __init__(self, distance: Distance | None = None, reduction: str = "mean") -> None:
         super().__init__()
@@ -64,13 +68,25 @@ class MetricLoss(nn.Module):
         if indices is not None:
             kind = "pairs" if is_pairs(indices) else "triplets"
             if kind not in self.accepts:
+                if not self.accepts:
+                    raise ValueError(f"{type(self).__name__} uses the whole batch and takes "
+                                     "no mined tuples")
                 raise ValueError(f"{type(self).__name__} accepts {self.accepts}, got {kind}")
 
-    def reduce(self, losses: torch.Tensor, anchor: torch.Tensor) -> LossOutput:
+    def reduce(
+        self,
+        losses: torch.Tensor,
+        anchor: torch.Tensor,
+        tuples: torch.Tensor | None = None,
+        active: torch.Tensor | None = None,
+    ) -> LossOutput:
         """Reduce per-tuple losses (T,). ``anchor`` is any tensor of the graph, used to
-        return a zero that still connects to it when there are no tuples."""
-        active = (losses > 0).sum()
-        tuples = torch.tensor(losses.numel(), device=losses.device)
+        return a zero that still connects to it when there are no tuples. ``tuples`` and
+        ``active`` default to the count of losses and of non-zero losses."""
+        if active is None:
+            active = (losses > 0).sum()
+        if tuples is None:
+            tuples = torch.tensor(losses.numel(), device=losses.device)
         if losses.numel() == 0:
             return LossOutput(anchor.sum() * 0.0, tuples, active)
         if self.reduction == "sum":
@@ -101,3 +117,31 @@ class PairLoss(MetricLoss):
         dist = self.distance.pairwise(embeddings, embeddings)
         pos_loss, neg_loss = self.pair_losses(dist[a1, p], dist[a2, n])
         return self.reduce(torch.cat([pos_loss, neg_loss]), embeddings)
+
+
+def pair_masks(
+    labels: torch.Tensor, indices: tuple[torch.Tensor, ...] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, B) boolean masks of the positive and negative pairs to use: every ordered pair
+    of the batch without indices, else the (directed) pairs given, triplets split in two."""
+    if indices is None:
+        return label_masks(labels)
+    a1, p, a2, n = indices if is_pairs(indices) else triplets_to_pairs(indices)
+    b = len(labels)
+    pos = torch.zeros(b, b, dtype=torch.bool, device=labels.device)
+    neg = torch.zeros_like(pos)
+    pos[a1, p] = True
+    neg[a2, n] = True
+    return pos, neg
+
+
+def masked_logsumexp(
+    x: torch.Tensor, mask: torch.Tensor, dim: int = 1, add_one: bool = False
+) -> torch.Tensor:
+    """log(sum over ``mask`` of exp(x)) along ``dim`` (plus exp(0) = 1 when ``add_one``);
+    0 where the mask is empty along ``dim``."""
+    x = x.masked_fill(~mask, float("-inf"))
+    if add_one:
+        x = torch.cat([x, torch.zeros_like(x.narrow(dim, 0, 1))], dim=dim)
+    out = torch.logsumexp(x, dim=dim)
+    return out.masked_fill(~mask.any(dim), 0.0)

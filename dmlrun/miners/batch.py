@@ -51,21 +51,43 @@ class SemiHardMiner(Miner):
         self.margin = margin
 
     def mine(self, embeddings, labels):
-        dist = self.distance.pairwise(embeddings, embeddings)
-        pos, neg = label_masks(labels)
-        b = len(labels)
-        # the (a, p, n) grid is B^3: walk it in blocks of anchors to bound memory
-        block = max(1, self.max_grid // max(b * b, 1))
-        found = []
-        for s in range(0, b, block):
-            d = dist[s : s + block]
-            gap = d[:, None, :] - d[:, :, None]  # gap[a, p, n] = D(a,n) - D(a,p)
-            valid = pos[s : s + block, :, None] & neg[s : s + block, None, :]
-            valid &= (gap > 0) & (gap <= self.margin)
-            a, p, n = torch.nonzero(valid, as_tuple=True)
-            found.append((a + s, p, n))
-        a, p, n = (torch.cat(t) for t in zip(*found, strict=True))
-        return a, p, n
+        # gap[a, p, n] = D(a, n) - D(a, p)
+        return triplets_where(self.distance.pairwise(embeddings, embeddings), labels,
+                              lambda gap: (gap > 0) & (gap <= self.margin), self.max_grid)
+
+
+class BatchAllMiner(Miner):
+    """Batch-all (Hermans et al. 2017): every triplet of the batch that still has a
+    non-zero triplet loss, D(a, p) - D(a, n) + margin > 0."""
+
+    max_grid = 2**24
+
+    def __init__(self, distance: Distance | None = None, margin: float = 1.0) -> None:
+        super().__init__(distance)
+        if margin < 0:
+            raise ValueError(f"batch-all margin must be >= 0, got {margin}")
+        self.margin = margin
+
+    def mine(self, embeddings, labels):
+        return triplets_where(self.distance.pairwise(embeddings, embeddings), labels,
+                              lambda gap: gap < self.margin, self.max_grid)
+
+
+def triplets_where(dist: torch.Tensor, labels: torch.Tensor, keep, max_grid: int = 2**24):
+    """Every valid triplet (a, p, n) with ``keep(gap)`` true, gap = D(a, n) - D(a, p).
+    The (a, p, n) grid is B^3, so it is walked in blocks of anchors to bound memory."""
+    pos, neg = label_masks(labels)
+    b = len(labels)
+    block = max(1, max_grid // max(b * b, 1))
+    found = []
+    for s in range(0, b, block):
+        d = dist[s : s + block]
+        gap = d[:, None, :] - d[:, :, None]
+        valid = pos[s : s + block, :, None] & neg[s : s + block, None, :] & keep(gap)
+        a, p, n = torch.nonzero(valid, as_tuple=True)
+        found.append((a + s, p, n))
+    a, p, n = (torch.cat(t) for t in zip(*found, strict=True))
+    return a, p, n
 
 
 class RandomMiner(Miner):
