@@ -88,8 +88,17 @@ def check_compatible(cfg: DictConfig, parts: Components) -> None:
             f"sampler={sampler_name} draws fixed {offline}, so there is nothing to mine; "
             f"use miner=none with it, or sampler=pk to mine with miner={miner_name}"
         )
+    loss = parts.loss
+    accepts = getattr(loss, "accepts", ("pairs", "triplets"))
+    if not accepts and (parts.miner is not None or offline is not None):
+        given = f"miner={miner_name}" if parts.miner is not None else f"sampler={sampler_name}"
+        raise ConfigError(
+            f"loss={loss_name} uses every sample of the batch and takes no tuples, but "
+            f"{given} would give it {parts.miner.yields if parts.miner else offline}; use "
+            "miner=none with sampler=pk"
+        )
+    _check_distance(loss, loss_name, choice(cfg, "distance"))
     kind = parts.miner.yields if parts.miner is not None else offline
-    accepts = getattr(parts.loss, "accepts", ("pairs", "triplets"))
     if kind is not None and kind not in accepts:
         source = f"miner={miner_name}" if parts.miner is not None else f"sampler={sampler_name}"
         fixes = "sampler=triplets or sampler=pk" if parts.miner is None else "another miner"
@@ -127,3 +136,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _check_distance(loss: MetricLoss, loss_name: str, distance_name: str) -> None:
+    """The loss's formula must suit the distance, and its margins must be reachable."""
+    dist = loss.distance
+    wanted = getattr(loss, "distances", ())
+    if wanted and dist.name not in wanted:
+        raise ConfigError(
+            f"loss={loss_name} is written for {' or '.join(wanted)} similarity (its "
+            f"hyper-parameters are on that scale), but distance={distance_name}; use "
+            f"distance={wanted[0]}, or experiment={loss_name} for a working recipe"
+        )
+    bound = dist.bounded_max()
+    for name in getattr(loss, "distance_params", ()):
+        value = float(getattr(loss, name))
+        if value > bound:
+            shown = name.removesuffix("_init")
+            raise ConfigError(
+                f"loss.{shown}={value:g} can never be met: with distance={distance_name}"
+                f"{' (normalized)' if dist.normalize else ''} distances are at most {bound:g}; "
+                f"use loss.{shown}<={bound:g}, or an unnormalised euclidean distance"
+            )

@@ -112,11 +112,12 @@ def epoch_frames(
 
 
 def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str]) -> Path:
-    """Train loss (left) and validation metrics (right) per epoch."""
+    """Train loss, validation metrics and mining diagnostics (mean positive / negative
+    distance in the batch, fraction of tuples with non-zero loss) per epoch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_val, ax_mine) = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("train loss")
@@ -128,7 +129,23 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str]) ->
     ax_val.set_xlabel("epoch")
     ax_val.set_ylabel("validation")
     ax_val.legend()
-    for ax in (ax_loss, ax_val):
+    if "pos_distance" in history[0]:
+        ax_mine.plot(epochs, [h["pos_distance"] for h in history], marker="o",
+                     label="same class")
+        ax_mine.plot(epochs, [h["neg_distance"] for h in history], marker="o",
+                     label="different class")
+        ax_mine.set_ylabel("mean distance in batch")
+        ax_frac = ax_mine.twinx()
+        ax_frac.plot(epochs, [h["active_fraction"] for h in history], "k--", marker="x",
+                     label="active tuples")
+        ax_frac.set_ylabel("fraction of tuples with loss > 0")
+        ax_frac.set_ylim(0, 1.05)
+        lines = ax_mine.get_legend_handles_labels()
+        extra = ax_frac.get_legend_handles_labels()
+        ax_mine.legend(lines[0] + extra[0], lines[1] + extra[1], loc="best")
+    ax_mine.set_xlabel("epoch")
+    ax_mine.set_title("mining")
+    for ax in (ax_loss, ax_val, ax_mine):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

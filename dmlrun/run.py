@@ -29,10 +29,12 @@ from dmlrun.components import (
 )
 from dmlrun.errors import ConfigError, UserError
 from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
-from dmlrun.train import StepConfig, fit
+from dmlrun.losses import TripletLoss
+from dmlrun.train import STEP_FIELDS, StepConfig, fit
 
 log = logging.getLogger("dmlrun")
 
+COLLAPSE_RATIO = 0.01  # class distances this small a fraction of the start: collapsed
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 
 
@@ -80,6 +82,17 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
+    """The model's parameters, plus the loss's own (proxies, beta) at ``loss.param_lr``
+    when set."""
+    groups: list[dict] = [{"params": list(model.parameters())}]
+    own = [p for p in loss_fn.parameters() if p.requires_grad]
+    if own:
+        lr = getattr(loss_fn, "param_lr", None)
+        groups.append({"params": own, **({"lr": float(lr)} if lr is not None else {})})
+    return groups
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train and evaluate one configuration; write checkpoints, metrics, plots and summary
     into ``run_dir``. Raises UserError for problems the user can fix."""
@@ -103,10 +116,10 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     if tcfg.monitor not in METRIC_NAMES:
         raise ConfigError(f"trainer.monitor={tcfg.monitor} is not a validation metric; "
                           f"choose one of {', '.join(METRIC_NAMES)}")
+    seed_everything(int(cfg.seed))  # before building: losses may draw initial proxies
     parts = build_components(cfg)  # checks compatibility before any data loads
     device = resolve_device(str(tcfg.device))
     amp_dtype = resolve_amp(tcfg.amp, device)
-    seed_everything(int(cfg.seed))
     names = {g: choice(cfg, g) for g in ("dataset", "model", "loss", "miner", "sampler")}
     log.info("run folder: %s", run_dir.resolve())
     log.info("device %s, amp %s; %s", device, amp_dtype, " ".join(f"{k}={v}" for k, v in
@@ -121,8 +134,15 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     channels_last = bool(tcfg.channels_last) and device.type == "cpu"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    loss_fn = parts.loss.to(device)
+    n_classes = getattr(loss_fn, "num_classes", None)
+    if isinstance(n_classes, int) and int(data.train.labels.max()) >= n_classes:
+        raise ConfigError(
+            f"loss={names['loss']} has {n_classes} class proxies but the labels go up to "
+            f"{int(data.train.labels.max())}; set loss.num_classes={data.num_classes}"
+        )
     optimizer = build_partial(cfg.optimizer, f"optimizer={choice(cfg, 'optimizer')}",
-                              model.parameters())
+                              param_groups(model, loss_fn))
     scheduler = build_partial(cfg.scheduler, f"scheduler={choice(cfg, 'scheduler')}",
                               optimizer) if has_target(cfg.scheduler) else None
     distance = parts.loss.distance
@@ -130,6 +150,13 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
 
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
+    steps_path = run_dir / "steps.jsonl"
+
+    def write_steps(epoch: int, steps: torch.Tensor) -> None:
+        with open(steps_path, "a") as f:
+            for i, row in enumerate(steps.tolist(), 1):
+                f.write(json.dumps({"epoch": epoch, "step": i,
+                                    **dict(zip(STEP_FIELDS, row, strict=True))}) + "\n")
     monitor = str(tcfg.monitor)
     best = {"epoch": 0, "value": float("-inf")}
     frame_idx = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))[
@@ -158,6 +185,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         return metrics
 
     patience = tcfg.get("early_stopping_patience")
+    first_neg_distance: dict[str, float] = {}
 
     def on_epoch_end(record: dict) -> bool:
         """Checkpoint, log; return True to stop early."""
@@ -165,6 +193,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         state = {
             "epoch": record["epoch"],
             "model": model.state_dict(),
+            "loss": loss_fn.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "sampler_rng": sampler_rng.get_state(),
@@ -179,8 +208,16 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         checkpoint.save_checkpoint(ckpt_dir / "last.pt", {**state, "best": dict(best)})
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        margin = getattr(parts.loss, "margin", None)
-        if margin and record["active_fraction"] > 0.99 and \
+        reference = first_neg_distance.setdefault("value", record["first_neg_distance"])
+        if record["neg_distance"] < COLLAPSE_RATIO * reference:
+            log.warning(
+                "epoch %d: the embeddings have collapsed: the mean distance between classes "
+                "is %.3g, %.2g%% of the untrained network's %.3g. Lower optimizer.lr, or "
+                "use a miner with easier positives (miner=easy_hard or miner=semihard).",
+                record["epoch"], record["neg_distance"],
+                100 * record["neg_distance"] / reference, reference)
+        margin = getattr(loss_fn, "margin", None)
+        if isinstance(loss_fn, TripletLoss) and margin and record["active_fraction"] > 0.99 and \
                 abs(record["train_loss"] - margin) < 0.01 * margin:
             log.warning(
                 "epoch %d: the loss is stuck at the margin (%.4g) with every tuple active: the "
@@ -189,19 +226,19 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
                 "optimizer.lr.", record["epoch"], margin)
         log.info(
             "epoch %d: loss %.4g, %.0f tuples/step (%.0f%% active), val P@1 %.4f, MAP@R %.4f, "
-            "%.0f samples/s, %.1fs", record["epoch"], record["train_loss"],
-            record["tuples_per_step"], 100 * record["active_fraction"],
+            "%.0f samples/s, %.1fs; d(pos) %.3g, d(neg) %.3g", record["epoch"],
+            record["train_loss"], record["tuples_per_step"], 100 * record["active_fraction"],
             record["val_precision_at_1"], record["val_map_at_r"], record["samples_per_s"],
-            record["epoch_seconds"])
+            record["epoch_seconds"], record["pos_distance"], record["neg_distance"])
         if patience is not None and record["epoch"] - best["epoch"] >= int(patience):
             log.info("early stop: no val %s gain for %d epochs", monitor, int(patience))
             return True
         return False
 
     step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every), tcfg.progress_bar)
-    history = fit(model, parts.loss, parts.miner, optimizer, scheduler,
+    history = fit(model, loss_fn, parts.miner, optimizer, scheduler,
                   lambda: parts.sampler.epoch(data.train.labels, sampler_rng), data.train,
-                  validate, on_epoch_end, int(tcfg.max_epochs), step_cfg)
+                  validate, on_epoch_end, int(tcfg.max_epochs), step_cfg, on_steps=write_steps)
 
     # Test once, with the model chosen on validation.
     best_state = checkpoint.load_checkpoint(ckpt_dir / "best.pt", map_location=device)

@@ -17,6 +17,7 @@ from dmlrun.data.samplers import Epoch
 from dmlrun.errors import UserError
 from dmlrun.losses.base import MetricLoss
 from dmlrun.miners.base import Miner
+from dmlrun.tuples import label_masks
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,21 @@ class StepConfig:
     progress_bar: bool | None = None  # None: only on a terminal
 
 
+STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance")
+NO_MINING_STEPS = 50  # consecutive steps with nothing mined before a warning
+
+
+def batch_distances(
+    loss_fn: MetricLoss, emb: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Mean positive-pair and negative-pair distance of a (B, D) batch, as a (2,) tensor."""
+    with torch.no_grad():
+        d = loss_fn.distance.pairwise(emb, emb)
+        pos, neg = label_masks(labels)
+        return torch.stack([(d * pos).sum() / pos.sum().clamp_min(1),
+                            (d * neg).sum() / neg.sum().clamp_min(1)])
+
+
 def train_epoch(
     model: nn.Module,
     loss_fn: MetricLoss,
@@ -44,15 +60,19 @@ def train_epoch(
     epoch: Epoch,
     step_cfg: StepConfig,
     desc: str = "train",
-) -> dict[str, float]:
-    """One pass over the batches of ``epoch``. Returns mean loss and tuple counts per step.
+) -> dict:
+    """One pass over the batches of ``epoch``. Returns per-step means (loss, tuples, mining
+    diagnostics) and, under ``"steps"``, a (steps, 6) tensor of the per-step values
+    (``STEP_FIELDS``).
 
-    Running sums stay on the device; the host reads them only every ``log_every``
-    steps (progress bar) and once at the end.
+    Per-step values stay on the device; the host reads them only every ``log_every``
+    steps (progress bar, no-mining check) and once at the end.
     """
     model.train()
     device = split.labels.device
-    sums = torch.zeros(4, device=device)  # loss, tuples, active, mined
+    steps = torch.zeros(len(epoch), len(STEP_FIELDS), device=device)
+    zero_streak = torch.zeros((), device=device, dtype=torch.long)
+    warned = False
     show = step_cfg.progress_bar
     bar = tqdm(range(len(epoch)), desc=desc, leave=False, dynamic_ncols=True,
                disable=None if show is None else not show)
@@ -70,25 +90,37 @@ def train_epoch(
         if miner is not None:
             mined = miner(emb, labels)
             indices, n_mined = mined.indices, mined.mined
+            zero_streak = torch.where(n_mined == 0, zero_streak + 1, 0)
         else:
             indices, n_mined = epoch.tuples, torch.zeros((), device=device)
         out = loss_fn.compute(emb, labels, indices)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        sums += torch.stack([out.loss.detach(), out.tuples, out.active, n_mined]).float()
+        steps[step] = torch.cat([torch.stack([out.loss.detach(), out.tuples, out.active,
+                                              n_mined]).float(),
+                                 batch_distances(loss_fn, emb.detach(), labels)])
         if (step + 1) % step_cfg.log_every == 0 or step + 1 == len(epoch):
-            loss_so_far, tuples, _, mined = (sums / (step + 1)).tolist()
+            loss_so_far, tuples, _, n, pos_d, neg_d = steps[: step + 1].mean(0).tolist()
             if not math.isfinite(loss_so_far):
                 raise NonFiniteLoss(
                     f"training loss became non-finite by step {step + 1} of {desc}; lower the "
                     "learning rate (optimizer.lr) or check the data. The last good checkpoint "
                     "is kept."
                 )
+            streak = int(zero_streak)
+            if streak >= NO_MINING_STEPS and not warned:
+                warned = True
+                log.warning(
+                    "%s: the miner has found no tuples for %d steps, so the loss is zero and "
+                    "nothing trains; loosen the miner (a larger margin, another miner) or use "
+                    "miner=none", desc, streak)
             bar.set_postfix(loss=f"{loss_so_far:.4g}", tuples=f"{tuples:.0f}",
-                            mined=f"{mined:.0f}" if miner is not None else "-")
+                            mined=f"{n:.0f}" if miner is not None else "-",
+                            d_pos=f"{pos_d:.3g}", d_neg=f"{neg_d:.3g}")
     seconds = time.perf_counter() - t0
-    loss, tuples, active, mined = (sums / len(epoch)).tolist()
+    steps = steps.cpu()
+    loss, tuples, active, mined, pos_d, neg_d = steps.mean(0).tolist()
     n_images = epoch.indices.numel()
     return {
         "train_loss": loss,
@@ -96,8 +128,13 @@ def train_epoch(
         "active_per_step": active,
         "active_fraction": active / tuples if tuples else 0.0,
         "mined_per_step": mined if miner is not None else tuples,
+        "no_mining_steps": int((steps[:, 3] == 0).sum()) if miner is not None else 0,
+        "pos_distance": pos_d,
+        "neg_distance": neg_d,
+        "first_neg_distance": float(steps[0, 5]),
         "train_seconds": seconds,
         "samples_per_s": n_images / seconds,
+        "steps": steps,
     }
 
 
@@ -114,16 +151,20 @@ def fit(
     max_epochs: int,
     step_cfg: StepConfig,
     start_epoch: int = 1,
+    on_steps: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[dict]:
     """Train for epochs ``start_epoch..max_epochs``; after each, validate and hand the
     epoch record to ``on_epoch_end`` (which logs and checkpoints, and returns True to stop
-    early)."""
+    early). ``on_steps(epoch, steps)`` receives the per-step values (``STEP_FIELDS``)."""
     history = []
     for epoch_no in range(start_epoch, max_epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         stats = train_epoch(model, loss_fn, miner, optimizer, split, next_epoch(), step_cfg,
                             desc=f"epoch {epoch_no}/{max_epochs}")
+        steps = stats.pop("steps")
+        if on_steps is not None:
+            on_steps(epoch_no, steps)
         if scheduler is not None:
             scheduler.step()
         val = validate(epoch_no)

@@ -1,6 +1,7 @@
 """The real ``dmlrun`` command end to end on a small MNIST subset, and its error exits."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import dmlrun
 from dmlrun.data.idx import load_mnist
 from dmlrun.evaluate import embed, retrieval_metrics
+from dmlrun.losses import ProxyAnchorLoss
 from dmlrun.run import run
 from tests.conftest import TINY, compose_cfg, run_cli
 
@@ -90,6 +92,51 @@ def test_triplet_loss_with_pair_sampler_fails_early(tmp_path):
     assert "loss=triplet" in res.stderr and "sampler=pairs" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_proxy_loss_with_a_miner_fails_early(tmp_path):
+    res = run_cli(["loss=proxy_anchor", "distance=cosine", "miner=hard",
+                   f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "loss=proxy_anchor" in res.stderr and "miner=hard" in res.stderr
+    assert "miner=none" in res.stderr
+
+
+def test_proxy_run_trains_proxies_and_writes_diagnostics(tmp_path, data_dir):
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.epoch_plots=false",
+                              "experiment=proxy_anchor", "evaluation.baselines=false"])
+    summary = run(cfg, tmp_path / "run")
+    assert 0 <= summary["test"]["precision_at_1"] <= 1
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    proxies = ckpt["loss"]["proxies"]
+    torch.manual_seed(0)  # the run's seed: the same initial proxies
+    initial = ProxyAnchorLoss(10, 2).proxies.detach()
+    assert proxies.shape == (10, 2) and not torch.allclose(proxies, initial, atol=1e-3)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.01 * groups[0]["lr"] / 1e-3)
+    steps = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [(s["epoch"], s["step"]) for s in steps] == [(e, i) for e in (1, 2) for i in (1, 2, 3, 4)]
+    assert all(s["tuples"] == 2500 and s["mined"] == 0 and s["loss"] > 0 for s in steps)
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["neg_distance"] == pytest.approx(sum(s["neg_distance"] for s in steps[4:]) / 4)
+
+
+def test_warnings_for_no_mining_and_collapse(tmp_path, data_dir, monkeypatch, caplog):
+    import dmlrun.run
+    import dmlrun.train
+
+    monkeypatch.setattr(dmlrun.train, "NO_MINING_STEPS", 3)
+    monkeypatch.setattr(dmlrun.run, "COLLAPSE_RATIO", 10.0)  # any run counts as collapsed
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.epoch_plots=false",
+                              "evaluation.baselines=false", "miner=pair_margin",
+                              "miner.pos_margin=1e9", "miner.neg_margin=0"])
+    with caplog.at_level("WARNING"):
+        run(cfg, tmp_path / "run")
+    text = caplog.text
+    assert re.search(r"the miner has found no tuples for [34] steps", text)
+    assert "the embeddings have collapsed" in text
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["no_mining_steps"] == 4 and rec["mined_per_step"] == 0 and rec["train_loss"] == 0
 
 
 def test_missing_data_names_files(tmp_path):

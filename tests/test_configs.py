@@ -16,6 +16,10 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
+# options that only build with a particular setting beside them
+NEEDS = {"distance_weighted": ["distance.normalize=true"]}
+
+
 @pytest.mark.parametrize("group", ["model", "distance", "loss", "miner", "sampler", "optimizer",
                                    "scheduler"])
 def test_every_option_instantiates(group):
@@ -24,7 +28,7 @@ def test_every_option_instantiates(group):
     names = options(group)
     assert names, f"no options in configs/{group}"
     for name in names:
-        cfg = compose_cfg([f"{group}={name}"])
+        cfg = compose_cfg([f"{group}={name}", *NEEDS.get(name, [])])
         node = cfg[group]
         if not has_target(node):
             assert name == "none"
@@ -75,3 +79,30 @@ def test_offline_sampler_with_miner_is_rejected():
 def test_semihard_margin_follows_loss():
     cfg = compose_cfg(["loss=triplet", "miner=semihard", "loss.margin=0.35"])
     assert build_components(cfg).miner.margin == pytest.approx(0.35)
+
+
+def test_whole_batch_losses_refuse_a_miner():
+    for loss in ("proxy_anchor", "lmnn", "arcface"):
+        with pytest.raises(ConfigError, match="uses every sample.*miner=none"):
+            build_components(compose_cfg([f"experiment={loss}", "miner=hard"]))
+    with pytest.raises(ConfigError, match="takes no tuples.*sampler=pk"):
+        build_components(compose_cfg(["experiment=lmnn", "sampler=triplets"]))
+
+
+def test_similarity_losses_name_the_distance_they_need():
+    with pytest.raises(ConfigError, match="is written for cosine.*use distance=cosine"):
+        build_components(compose_cfg(["loss=multi_similarity", "miner=none"]))
+    build_components(compose_cfg(["loss=multi_similarity", "miner=none", "distance=cosine"]))
+
+
+def test_margins_past_the_distance_range_are_refused():
+    with pytest.raises(ConfigError, match=r"loss.margin=2.5 can never be met.*at most 2"):
+        build_components(compose_cfg(["loss=triplet", "miner=semihard", "distance=cosine",
+                                      "loss.margin=2.5"]))
+    with pytest.raises(ConfigError, match=r"loss.beta=3 can never be met.*\(normalized\)"):
+        build_components(compose_cfg(["experiment=margin", "loss.beta=3"]))
+    build_components(compose_cfg(["loss=triplet", "miner=semihard", "loss.margin=2.5"]))
+
+
+def test_every_loss_has_a_recipe():
+    assert set(options("loss")) <= set(options("experiment"))

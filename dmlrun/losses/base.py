@@ -28,6 +28,9 @@ class MetricLoss(nn.Module):
     accepts: tuple[str, ...] = ("pairs", "triplets")
     # Names of the distances the loss's formula is meant for; empty = any.
     distances: tuple[str, ...] = ()
+    # Hyper-parameters measured in distance units; a value past the distance's range
+    # (cosine: 2) can never be met and is refused.
+    distance_params: tuple[str, ...] = ()
     # Learning rate for the loss's own parameters (proxies, beta); None = the optimizer's.
     param_lr: float | None = None
 

@@ -19,6 +19,8 @@ class ContrastiveLoss(PairLoss):
     ``"mean"`` over all pairs, or ``"mean_active"`` over pairs with non-zero loss.
     """
 
+    distance_params = ("margin",)
+
     def __init__(
         self,
         distance: Distance | None = None,

@@ -18,6 +18,8 @@ class LiftedStructureLoss(MetricLoss):
     the 1/2). ``m`` is ``neg_margin``.
     """
 
+    distance_params = ("neg_margin",)
+
     def __init__(
         self,
         distance: Distance | None = None,

@@ -22,6 +22,7 @@ class MarginLoss(MetricLoss):
     """
 
     accepts = ("triplets",)
+    distance_params = ("margin", "beta_init")
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class MarginLoss(MetricLoss):
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.margin, self.nu, self.learn_beta = margin, nu, learn_beta
+        self.beta_init = beta
         self.param_lr = param_lr
         init = torch.full((num_classes or 1,), float(beta))
         if learn_beta:

@@ -16,6 +16,7 @@ class TripletLoss(MetricLoss):
     """
 
     accepts = ("triplets",)
+    distance_params = ("margin",)
 
     def __init__(
         self, distance: Distance | None = None, margin: float = 1.0, reduction: str = "mean"
