@@ -152,3 +152,26 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str]) ->
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def pseudo_labels(history: Sequence[dict], path: str | Path) -> Path:
+    """Pseudo-label quality at each refresh: accuracy on all unlabeled images, accuracy of
+    the kept ones, and the fraction kept."""
+    path = Path(path)
+    rows = [h for h in history if "pseudo_accuracy" in h]
+    epochs = [h["epoch"] for h in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["pseudo_accuracy"] for h in rows], marker="o", label="all unlabeled")
+    ax.plot(epochs, [h["pseudo_kept_accuracy"] for h in rows], marker="o", label="kept")
+    ax.plot(epochs, [h["pseudo_kept_fraction"] for h in rows], "k--", marker="x",
+            label="fraction kept")
+    ax.set_xlabel("epoch (refresh)")
+    ax.set_ylabel("pseudo-label accuracy / fraction")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -27,9 +27,12 @@ from dmlrun.components import (
     resolve_device,
     seed_everything,
 )
+from dmlrun.data.dataset import Split
+from dmlrun.data.samplers import Epoch
 from dmlrun.errors import ConfigError, UserError
 from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
 from dmlrun.losses import TripletLoss
+from dmlrun.semi import SemiSupervision, pick_labeled
 from dmlrun.train import STEP_FIELDS, StepConfig, fit
 
 log = logging.getLogger("dmlrun")
@@ -80,6 +83,35 @@ def versions() -> dict[str, str]:
     return {"dmlrun": __version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "hydra": hydra.__version__,
             "python": platform.python_version()}
+
+
+def _semi_supervision(cfg: DictConfig, data, sampler, run_dir: Path) -> SemiSupervision | None:
+    """With ``dataset.labeled_per_class`` set: hide the other training labels (the chosen
+    indices go to labeled_indices.json) and set up the ``semi`` method, if any."""
+    per_class = cfg.dataset.get("labeled_per_class")
+    method_node = cfg.semi.get("method")
+    if per_class is None:
+        if method_node is not None:
+            raise ConfigError(f"semi={choice(cfg, 'semi')} needs unlabeled images: set "
+                              "dataset.labeled_per_class=<n> (e.g. 10)")
+        return None
+    if getattr(sampler, "yields", None):
+        raise ConfigError("semi-supervised runs draw P x K batches: use sampler=pk")
+    try:
+        labeled = pick_labeled(data.train.labels, int(per_class), int(cfg.seed))
+    except ValueError as exc:
+        raise ConfigError(f"dataset.labeled_per_class={per_class}: {exc}") from exc
+    with open(run_dir / "labeled_indices.json", "w") as f:
+        json.dump({"seed": int(cfg.seed), "labeled_per_class": int(per_class),
+                   "indices": labeled.tolist()}, f)
+    method = build(method_node, f"semi={choice(cfg, 'semi')}") if method_node else None
+    log.info("semi-supervised: %d labeled training images, %d unlabeled; method %s",
+             len(labeled), len(data.train) - len(labeled), method_node and
+             method_node._target_.rsplit(".", 1)[-1])
+    s = cfg.semi
+    return SemiSupervision(data.train.labels, labeled, data.num_classes, sampler, method,
+                           int(s.get("warmup_epochs", 0)), int(s.get("refresh_every", 1)),
+                           int(s.get("p", 10)), int(s.get("k", 25)))
 
 
 def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
@@ -147,6 +179,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
                               optimizer) if has_target(cfg.scheduler) else None
     distance = parts.loss.distance
     sampler_rng = torch.Generator().manual_seed(int(cfg.seed))
+    semi = _semi_supervision(cfg, data, parts.sampler, run_dir)
+    train_split = data.train if semi is None else Split(data.train.images, semi.labels)
 
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
@@ -189,6 +223,12 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
 
     def on_epoch_end(record: dict) -> bool:
         """Checkpoint, log; return True to stop early."""
+        if semi is not None and semi.quality:
+            record.update(semi.quality)
+            log.info("epoch %d: pseudo-labels %.1f%% right on unlabeled images; kept %.1f%% "
+                     "of them, %.1f%% right", record["epoch"], 100 * semi.quality[
+                         "pseudo_accuracy"], 100 * semi.quality["pseudo_kept_fraction"],
+                     100 * semi.quality["pseudo_kept_accuracy"])
         value = record[f"val_{monitor}"]
         state = {
             "epoch": record["epoch"],
@@ -235,9 +275,16 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
             return True
         return False
 
-    step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every), tcfg.progress_bar)
-    history = fit(model, loss_fn, parts.miner, optimizer, scheduler,
-                  lambda: parts.sampler.epoch(data.train.labels, sampler_rng), data.train,
+    step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every), tcfg.progress_bar,
+                          float(cfg.semi.get("unlabeled_weight", 1.0)))
+    if semi is None:
+        def next_epoch() -> Epoch:
+            return parts.sampler.epoch(data.train.labels, sampler_rng)
+    else:
+        def next_epoch() -> Epoch:
+            return semi.next_epoch(lambda: embed(model, data.train.images, eval_bs, amp_dtype),
+                                   sampler_rng)
+    history = fit(model, loss_fn, parts.miner, optimizer, scheduler, next_epoch, train_split,
                   validate, on_epoch_end, int(tcfg.max_epochs), step_cfg, on_steps=write_steps)
 
     # Test once, with the model chosen on validation.
@@ -260,6 +307,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     )
     plots.curves(history, plot_dir / "curves.png",
                  ["precision_at_1", "map_at_r", "r_precision", "nmi"])
+    if any("pseudo_accuracy" in h for h in history):
+        plots.pseudo_labels(history, plot_dir / "pseudo_labels.png")
     if frames:
         plots.epoch_frames(frames, data.val.labels[frame_idx], plot_dir / "epochs",
                            f"{data.name} val: loss={names['loss']} miner={names['miner']}")

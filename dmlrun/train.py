@@ -34,6 +34,7 @@ class StepConfig:
     channels_last: bool = False
     log_every: int = 20
     progress_bar: bool | None = None  # None: only on a terminal
+    extra_weight: float = 1.0  # weight of the loss on ``Epoch.extra`` batches
 
 
 STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance")
@@ -49,6 +50,21 @@ def batch_distances(
         pos, neg = label_masks(labels)
         return torch.stack([(d * pos).sum() / pos.sum().clamp_min(1),
                             (d * neg).sum() / neg.sum().clamp_min(1)])
+
+
+def _extra_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None, split: Split,
+                idx: torch.Tensor, step_cfg: StepConfig) -> torch.Tensor:
+    """The loss on a second batch of the step (``Epoch.extra``), mined the same way."""
+    x = images_to_float(split.images[idx])
+    if step_cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = split.labels[idx]
+    with torch.autocast(x.device.type, dtype=step_cfg.amp_dtype,
+                        enabled=step_cfg.amp_dtype is not None):
+        emb = model(x)
+    emb = emb.float()
+    indices = miner(emb, labels).indices if miner is not None else None
+    return loss_fn.compute(emb, labels, indices).loss
 
 
 def train_epoch(
@@ -94,8 +110,12 @@ def train_epoch(
         else:
             indices, n_mined = epoch.tuples, torch.zeros((), device=device)
         out = loss_fn.compute(emb, labels, indices)
+        total = out.loss
+        if epoch.extra is not None:
+            total = total + step_cfg.extra_weight * _extra_loss(
+                model, loss_fn, miner, split, epoch.extra[step], step_cfg)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        total.backward()
         optimizer.step()
         steps[step] = torch.cat([torch.stack([out.loss.detach(), out.tuples, out.active,
                                               n_mined]).float(),

@@ -21,10 +21,13 @@ Tuples = tuple[torch.Tensor, ...]
 class Epoch:
     """``indices`` (num_batches, batch_size) into the split; ``tuples`` the fixed
     within-batch pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``, or None for
-    online mining."""
+    online mining. ``extra`` (num_batches, batch_size2): optional second batch per step
+    (semi-supervised: labeled + pseudo-labeled images), weighted by
+    ``StepConfig.extra_weight``."""
 
     indices: torch.Tensor
     tuples: Tuples | None = None
+    extra: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.indices.shape[0]

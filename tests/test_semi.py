@@ -1,0 +1,72 @@
+"""Semi-supervised pseudo-labelling on synthetic clusters, and a short real run."""
+
+import json
+
+import pytest
+import torch
+
+from dmlrun.errors import ConfigError
+from dmlrun.run import run
+from dmlrun.semi import KMeansPseudoLabeler, LabelPropagation, pick_labeled, pseudo_label_quality
+from tests.conftest import TINY, compose_cfg
+
+
+def blobs(n_per=200, classes=5, dim=8, spread=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+    truth = torch.arange(classes).repeat_interleave(n_per)
+    emb = centres[truth] + spread * torch.randn(len(truth), dim, generator=g)
+    return emb, truth
+
+
+@pytest.mark.parametrize("method", [KMeansPseudoLabeler(keep_fraction=0.5, knn_agreement=3),
+                                    KMeansPseudoLabeler(clusters_per_class=3),
+                                    LabelPropagation(k=10, keep_fraction=0.5)])
+def test_pseudo_labels_recover_clusters(method):
+    emb, truth = blobs()
+    labeled = pick_labeled(truth, 2, seed=0)
+    out = method(emb, labeled, truth[labeled], 5)
+    q = pseudo_label_quality(out, truth, labeled)
+    assert q["pseudo_accuracy"] > 0.97 and q["pseudo_kept_accuracy"] > 0.99
+    assert 0.3 < q["pseudo_kept_fraction"] <= 1.0
+    assert torch.equal(out.labels[labeled], truth[labeled]) and not out.keep[labeled].any()
+
+
+def test_pseudo_labels_keep_the_most_confident_half():
+    emb, truth = blobs(spread=1.5)  # overlapping clusters: some pseudo-labels are wrong
+    labeled = pick_labeled(truth, 2, seed=0)
+    out = KMeansPseudoLabeler(keep_fraction=0.5)(emb, labeled, truth[labeled], 5)
+    q = pseudo_label_quality(out, truth, labeled)
+    assert q["pseudo_kept_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert q["pseudo_kept_accuracy"] > q["pseudo_accuracy"]
+
+
+def test_pick_labeled_is_seeded_and_per_class():
+    truth = torch.arange(10).repeat(30)
+    a, b, c = pick_labeled(truth, 3, 0), pick_labeled(truth, 3, 0), pick_labeled(truth, 3, 1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.bincount(truth[a]).tolist() == [3] * 10
+    with pytest.raises(ValueError, match="fewer than"):
+        pick_labeled(truth, 31, 0)
+
+
+def test_semi_run_writes_pseudo_label_diagnostics(tmp_path, data_dir):
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.epoch_plots=false",
+                              "evaluation.baselines=false", "semi=kmeans",
+                              "dataset.labeled_per_class=10", "sampler.k=10",
+                              "trainer.max_epochs=3", "semi.warmup_epochs=1",
+                              "semi.refresh_every=1"])
+    run(cfg, tmp_path / "run")
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "pseudo_accuracy" not in recs[0]  # warm-up epoch on labels only
+    for r in recs[1:]:
+        assert 0 < r["pseudo_kept_fraction"] < 1 and 0 < r["pseudo_accuracy"] <= 1
+    labeled = json.loads((tmp_path / "run" / "labeled_indices.json").read_text())
+    assert len(labeled["indices"]) == 100 and labeled["labeled_per_class"] == 10
+    assert (tmp_path / "run" / "plots" / "pseudo_labels.png").stat().st_size > 0
+
+
+def test_semi_method_without_unlabeled_images_is_refused(tmp_path, data_dir):
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "semi=propagation"])
+    with pytest.raises(ConfigError, match="dataset.labeled_per_class"):
+        run(cfg, tmp_path / "run")
