@@ -76,6 +76,12 @@ class MetricLoss(nn.Module):
                                      "no mined tuples")
                 raise ValueError(f"{type(self).__name__} accepts {self.accepts}, got {kind}")
 
+    @staticmethod
+    def empty(anchor: torch.Tensor) -> LossOutput:
+        """A zero loss (still connected to ``anchor``'s graph) with no tuples."""
+        zero = torch.tensor(0, device=anchor.device)
+        return LossOutput(anchor.sum() * 0.0, zero, zero)
+
     def reduce(
         self,
         losses: torch.Tensor,

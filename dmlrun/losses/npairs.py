@@ -35,8 +35,7 @@ class NPairsLoss(MetricLoss):
             0, inverse, order, reduce="amin")
         a, p = a[first], p[first]
         if len(a) == 0:
-            zero = torch.tensor(0, device=labels.device)
-            return LossOutput(embeddings.sum() * 0.0, zero, zero)
+            return self.empty(embeddings)
         sim = self.distance.similarity(embeddings[a], embeddings[p])
         losses = F.cross_entropy(sim, torch.arange(len(a), device=a.device), reduction="none")
         out = self.reduce(losses, embeddings)
