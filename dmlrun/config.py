@@ -16,9 +16,16 @@ def run_dir_suffix(override_dirname: str) -> str:
     return "_" + text[:MAX_SUFFIX]
 
 
+def if_resume(resume: str | None, then: str, otherwise: str) -> str:
+    """``then`` when resuming a run (``trainer.resume`` set), else ``otherwise``."""
+    return then if resume else otherwise
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("dmlrun_suffix"):
         OmegaConf.register_new_resolver("dmlrun_suffix", run_dir_suffix)
+    if not OmegaConf.has_resolver("dmlrun_if_resume"):
+        OmegaConf.register_new_resolver("dmlrun_if_resume", if_resume)
 
 
 register_resolvers()

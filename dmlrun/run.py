@@ -51,6 +51,50 @@ def _guard_run_dir(run_dir: Path) -> None:
         )
 
 
+def _guard_resume(run_dir: Path, resume: Path) -> None:
+    """A resumed run continues in its own folder, from last.pt, and only if unfinished."""
+    if resume.resolve() != run_dir.resolve():
+        raise UserError(f"trainer.resume={resume} but the run folder is {run_dir}; resume "
+                        "writes into the folder it continues (leave hydra.run.dir unset)")
+    if not (resume / "checkpoints" / "last.pt").is_file():
+        raise UserError(f"trainer.resume={resume}: no checkpoints/last.pt there to continue "
+                        "from")
+    if (resume / "summary.json").exists():
+        raise UserError(f"trainer.resume={resume}: that run has finished (summary.json); "
+                        "nothing to resume. Start a new run instead.")
+
+
+CONFIG_KEYS_FREE_ON_RESUME = ("trainer", "paths", "hydra")
+
+
+def _resume_state(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+    """last.pt of the run to continue, after checking the config matches its own."""
+    state = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
+    now = OmegaConf.to_container(cfg, resolve=True)
+    then = state["config"]
+    differ = sorted(k for k in set(now) | set(then)
+                    if k not in CONFIG_KEYS_FREE_ON_RESUME and now.get(k) != then.get(k))
+    t_now, t_then = now["trainer"], then["trainer"]
+    differ += [f"trainer.{k}" for k in ("max_epochs", "channels_last", "amp")
+               if t_now.get(k) != t_then.get(k)]
+    if differ:
+        raise ConfigError(f"trainer.resume: the config differs from the run's own in "
+                          f"{', '.join(differ)}; resume with the same settings")
+    return state
+
+
+def _truncate_jsonl(path: Path, last_epoch: int) -> list[dict]:
+    """Keep the records of epochs <= ``last_epoch`` (a kill may leave later ones)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["epoch"] <= last_epoch]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return rows
+
+
 def _attach_log_file(run_dir: Path) -> logging.Handler | None:
     """Write dmlrun.log when Hydra's own logging is not doing so (plain ``run()`` calls)."""
     from hydra.core.hydra_config import HydraConfig
@@ -131,7 +175,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _guard_run_dir(run_dir)
+    if cfg.trainer.get("resume"):
+        _guard_resume(run_dir, Path(str(cfg.trainer.resume)))
+    else:
+        _guard_run_dir(run_dir)
     handler = _attach_log_file(run_dir)
     try:
         return _run(cfg, run_dir, t_start)
@@ -284,8 +331,33 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         def next_epoch() -> Epoch:
             return semi.next_epoch(lambda: embed(model, data.train.images, eval_bs, amp_dtype),
                                    sampler_rng)
-    history = fit(model, loss_fn, parts.miner, optimizer, scheduler, next_epoch, train_split,
-                  validate, on_epoch_end, int(tcfg.max_epochs), step_cfg, on_steps=write_steps)
+    start_epoch, done = 1, []
+    if tcfg.get("resume"):
+        if semi is not None:
+            raise ConfigError("trainer.resume does not support semi-supervised runs yet")
+        state = _resume_state(cfg, run_dir, device)
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state.get("loss", {}))
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        sampler_rng.set_state(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        best.update(state["best"])
+        start_epoch = int(state["epoch"]) + 1
+        done = _truncate_jsonl(metrics_path, start_epoch - 1)
+        if not done or done[-1]["epoch"] != start_epoch - 1:  # killed before the line
+            done.append(state["metrics"])
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(state["metrics"]) + "\n")
+        _truncate_jsonl(steps_path, start_epoch - 1)
+        first_neg_distance["value"] = done[0]["first_neg_distance"]
+        log.info("resuming %s after epoch %d (best epoch %d)", run_dir, start_epoch - 1,
+                 best["epoch"])
+    history = done + fit(model, loss_fn, parts.miner, optimizer, scheduler, next_epoch,
+                         train_split, validate, on_epoch_end, int(tcfg.max_epochs), step_cfg,
+                         start_epoch=start_epoch, on_steps=write_steps)
 
     # Test once, with the model chosen on validation.
     best_state = checkpoint.load_checkpoint(ckpt_dir / "best.pt", map_location=device)
