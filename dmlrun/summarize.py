@@ -140,6 +140,34 @@ def comparison_plot(rows: list[dict], metric: str, path: Path, label_cols: list[
     plt.close(fig)
 
 
+def embedding_grid(runs: list[RunInfo], varying: list[str], path: Path,
+                   max_runs: int = 48) -> int:
+    """The finished runs' plots/embedding.png side by side, titled by their varying
+    settings and seed. Returns how many were drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in runs if (r.path / "plots" / "embedding.png").is_file()][:max_runs]
+    if not shown:
+        return 0
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, shown, strict=False):
+        ax.imshow(plt.imread(r.path / "plots" / "embedding.png"))
+        title = ", ".join(f"{k}={r.config.get(k, '')}" for k in [*varying, "seed"]
+                          if k in r.config) or r.path.name
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(shown)
+
+
 def summarize(paths: list[str], metric: str, out_dir: Path | None = None) -> dict:
     """Summarize the runs under ``paths``; write summary.md, summary.csv, comparison.png to
     ``out_dir`` (default: the first path). Returns rows and the failed/unfinished runs."""
@@ -163,6 +191,8 @@ def summarize(paths: list[str], metric: str, out_dir: Path | None = None) -> dic
         w.writerows(rows)
     if finished:
         comparison_plot(rows, metric, out_dir / "comparison.png", varying)
+        embedding_grid(sorted(finished, key=lambda r: sorted(r.config.items())), varying,
+                       out_dir / "embeddings.png")
     problems = [(str(r.path), r.status) for r in runs if r.status != "finished"]
     return {"rows": rows, "varying": varying, "problems": problems, "out_dir": str(out_dir)}
 
@@ -185,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     print(to_markdown([{c: r[c] for c in cols} for r in result["rows"]]), end="")
     for path, status in result["problems"]:
         print(f"{status}: {path}")
-    print(f"written: {result['out_dir']}/summary.md, summary.csv, comparison.png")
+    print(f"written: {result['out_dir']}/summary.md, summary.csv, comparison.png, "
+          "embeddings.png")
     return 0
 
 

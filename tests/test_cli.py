@@ -1,6 +1,8 @@
 """The real ``dmlrun`` command end to end on a small MNIST subset, and its error exits."""
 
+import csv
 import json
+import math
 import re
 import sys
 
@@ -197,23 +199,40 @@ def test_evaluate_command_bad_path(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_multirun_writes_one_folder_per_job(tmp_path, data_dir):
-    res = run_cli(["-m", *TINY, "trainer.epoch_plots=false", "evaluation.baselines=false",
-                   "loss=contrastive,triplet", "miner=easy_hard",
+def test_sweep_2x2x3_summary_matches_hand_computation(tmp_path, data_dir):
+    """A real 2 (losses) x 2 (miners) x 3 (seeds) sweep, then dmlrun-summarize."""
+    import statistics
+
+    from scipy.stats import t
+
+    from dmlrun.summarize import main as summarize_main
+
+    res = run_cli(["-m", *TINY, "sampler.batches_per_epoch=2", "trainer.max_epochs=1",
+                   "trainer.epoch_plots=false", "evaluation.baselines=false",
+                   "loss=contrastive,triplet", "miner=easy_hard,semihard", "seed=0,1,2",
                    f"paths.multirun_dir={tmp_path}/multirun"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = sorted((tmp_path / "multirun").glob("*/*/*/summary.json"))
-    assert len(summaries) == 2
-    losses = {json.loads(p.read_text())["choices"]["loss"] for p in summaries}
-    assert losses == {"contrastive", "triplet"}
-    assert all("loss=" in p.parent.name for p in summaries)
-    from dmlrun.summarize import summarize
-
+    assert len(summaries) == 12
+    assert all("loss=" in p.parent.name and "seed=" in p.parent.name for p in summaries)
     (sweep,) = {p.parent.parent for p in summaries}
-    result = summarize([str(sweep)], "test.precision_at_1")
-    assert result["varying"] == ["loss"] and not result["problems"]
-    assert {r["loss"] for r in result["rows"]} == {"contrastive", "triplet"}
-    assert (sweep / "comparison.png").is_file()
+    by_group: dict = {}
+    for p in summaries:
+        s = json.loads(p.read_text())
+        key = (s["choices"]["loss"], s["choices"]["miner"])
+        by_group.setdefault(key, []).append(s["test"]["precision_at_1"])
+    assert summarize_main([str(sweep)]) == 0
+    rows = list(csv.DictReader((sweep / "summary.csv").read_text().splitlines()))
+    assert len(rows) == 4
+    for r in rows:
+        values = by_group[(r["loss"], r["miner"])]
+        assert int(r["test.precision_at_1 n"]) == 3
+        mean, sd = statistics.mean(values), statistics.stdev(values)
+        assert float(r["test.precision_at_1 mean"]) == pytest.approx(mean)
+        assert float(r["test.precision_at_1 ci95"]) == pytest.approx(
+            t.ppf(0.975, 2) * sd / math.sqrt(3))
+    for f in ("summary.md", "comparison.png", "embeddings.png"):
+        assert (sweep / f).stat().st_size > 0
 
 
 @pytest.mark.parametrize("bad,match", [
