@@ -33,10 +33,11 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
-def compose_cfg(overrides: list[str] | None = None):
-    """Compose the shipped configs as the CLI would (without Hydra's own node)."""
+def compose_cfg(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """Compose the shipped configs as the CLI would (Hydra's own node only on request)."""
     with initialize_config_module(config_module="dmlrun.configs", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
+        return compose(config_name="config", overrides=overrides or [],
+                       return_hydra_config=return_hydra_config)
 
 
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600,
