@@ -268,6 +268,9 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     patience = tcfg.get("early_stopping_patience")
     first_neg_distance: dict[str, float] = {}
 
+    logger = (build_partial(cfg.logger, f"logger={choice(cfg, 'logger')}", run_dir)
+              if has_target(cfg.get("logger")) else None)
+
     def on_epoch_end(record: dict) -> bool:
         """Checkpoint, log; return True to stop early."""
         if semi is not None and semi.quality:
@@ -295,6 +298,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         checkpoint.save_checkpoint(ckpt_dir / "last.pt", {**state, "best": dict(best)})
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if logger is not None:
+            logger.log_epoch(record)
         reference = first_neg_distance.setdefault("value", record["first_neg_distance"])
         if record["neg_distance"] < COLLAPSE_RATIO * reference:
             log.warning(
@@ -363,6 +368,9 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     best_state = checkpoint.load_checkpoint(ckpt_dir / "best.pt", map_location=device)
     model.load_state_dict(best_state["model"])
     test_emb, test = evaluate(data.test.images, data.test.labels)
+    if logger is not None:
+        logger.log_embedding(test_emb, data.test.labels, data.test.images)
+        logger.close()
     best_val = {k[4:]: v for k, v in best_state["metrics"].items() if k.startswith("val_")}
     log.info("best epoch %d (val %s %.4f); test P@1 %.4f, MAP@R %.4f", best["epoch"], monitor,
              best["value"], test["precision_at_1"], test["map_at_r"])

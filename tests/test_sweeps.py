@@ -53,3 +53,23 @@ def test_sweep_presets_list_their_grids():
     assert sizes == [2, 3, 3]
     margins = compose_cfg(["sweep=margins"], return_hydra_config=True)
     assert margins.loss._target_.endswith("TripletLoss")
+
+
+def test_tensorboard_logger_writes_scalars_and_projector(tmp_path, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dmlrun.run import run
+
+    cfg = compose_cfg([*QUICK, f"paths.data_dir={data_dir}", "logger=tensorboard"])
+    run(cfg, tmp_path / "run")
+    tb = tmp_path / "run" / "tensorboard"
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "val/precision_at_1" in tags and "train/train_loss" in tags
+    assert len(acc.Scalars("val/precision_at_1")) == 1
+    assert (tb / "projector_config.pbtxt").is_file()
+    (tensors,) = tb.glob("**/tensors.tsv")
+    rows = tensors.read_text().splitlines()
+    assert len(rows) == 800 and len(rows[0].split("\t")) == 2  # the 800 test points, 2-D
+    assert (tensors.parent / "sprite.png").is_file()
