@@ -132,9 +132,13 @@ def comparison_plot(rows: list[dict], metric: str, path: Path, label_cols: list[
     means = [r[f"{metric} mean"] for r in rows]
     cis = [0.0 if math.isnan(r[f"{metric} ci95"]) else r[f"{metric} ci95"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
-    ax.bar(range(len(rows)), means, yerr=cis, capsize=5, color="tab:blue", alpha=0.8)
+    # points with error bars, not bars: the axis zooms to the data, so differences of a
+    # few tenths of a percent stay visible without a misleading bar length
+    ax.errorbar(range(len(rows)), means, yerr=cis, fmt="o", capsize=6, color="tab:blue")
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_ylabel(f"{metric} (mean, 95% CI)")
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
