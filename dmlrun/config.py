@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
 MAX_SUFFIX = 200  # folder names stay well under the 255-byte limit
@@ -21,7 +23,23 @@ def if_resume(resume: str | None, then: str, otherwise: str) -> str:
     return then if resume else otherwise
 
 
+RUN_MARKERS = ("checkpoints", "summary.json", "metrics.jsonl")
+
+
+def hydra_subdir(resume: str | None, run_dir: str) -> str:
+    """Where Hydra saves the composed config of this session: ``.hydra`` normally,
+    ``.hydra-resume`` when resuming, and ``.hydra-refused`` when the folder already holds
+    a run (the run is then refused, and the original ``.hydra`` stays untouched)."""
+    if resume:
+        return ".hydra-resume"
+    if any((Path(run_dir) / m).exists() for m in RUN_MARKERS):
+        return ".hydra-refused"
+    return ".hydra"
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("dmlrun_hydra_subdir"):
+        OmegaConf.register_new_resolver("dmlrun_hydra_subdir", hydra_subdir)
     if not OmegaConf.has_resolver("dmlrun_suffix"):
         OmegaConf.register_new_resolver("dmlrun_suffix", run_dir_suffix)
     if not OmegaConf.has_resolver("dmlrun_if_resume"):

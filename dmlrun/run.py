@@ -27,6 +27,7 @@ from dmlrun.components import (
     resolve_device,
     seed_everything,
 )
+from dmlrun.config import RUN_MARKERS
 from dmlrun.data.dataset import Split
 from dmlrun.data.samplers import Epoch
 from dmlrun.errors import ConfigError, UserError
@@ -43,7 +44,7 @@ FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 
 def _guard_run_dir(run_dir: Path) -> None:
     """Refuse to train into a folder that already holds a run's results."""
-    taken = [p for p in ("checkpoints", "summary.json", "metrics.jsonl") if (run_dir / p).exists()]
+    taken = [p for p in RUN_MARKERS if (run_dir / p).exists()]
     if taken:
         raise UserError(
             f"run folder {run_dir} already holds a run ({', '.join(taken)}); refusing to "

@@ -72,8 +72,11 @@ def test_load_embedder_reproduces_test_metrics(finished_run, data_dir):
 
 def test_rerun_into_finished_folder_is_refused(finished_run):
     before = {p: p.read_bytes() for p in [finished_run / "summary.json",
-                                          finished_run / "checkpoints" / "best.pt"]}
-    res = run_cli(TINY + [f"hydra.run.dir={finished_run}"], cwd=finished_run.parent)
+                                          finished_run / "checkpoints" / "best.pt",
+                                          finished_run / ".hydra" / "config.yaml",
+                                          finished_run / ".hydra" / "overrides.yaml"]}
+    # different settings, so that an overwritten .hydra/ would show
+    res = run_cli(TINY + ["seed=5", f"hydra.run.dir={finished_run}"], cwd=finished_run.parent)
     assert res.returncode == 2
     assert "already holds a run" in res.stderr and "Traceback" not in res.stderr
     assert all(p.read_bytes() == b for p, b in before.items())
