@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> float | None:
             (run_dir / "FAILED").write_text(f"{exc}\n")
             return None
         print(f"dmlrun: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))
     return summary["val"][summary["monitor"]]
 
 

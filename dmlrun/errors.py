@@ -7,3 +7,12 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """Settings that cannot work together, found before any data loads."""
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM arrived; the run stopped at a step boundary. ``exit_code`` is
+    128 + the signal number, as a shell reports a signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -137,7 +137,10 @@ def evaluate_embeddings(
     embeddings: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None,
     knn_k: int = 5, seed: int = 0,
 ) -> dict[str, float]:
-    """Every metric of METRIC_NAMES, leave-one-out, for (N, D) embeddings."""
+    """Every metric of METRIC_NAMES, leave-one-out, for (N, D) embeddings. Non-finite
+    embeddings (a diverged model) give NaN for every metric."""
+    if not torch.isfinite(embeddings).all():
+        return dict.fromkeys(METRIC_NAMES, float("nan"))
     out = retrieval_metrics(embeddings, labels, distance=distance, knn_k=knn_k)
     out.update(clustering_metrics(embeddings, labels, distance, seed))
     return out

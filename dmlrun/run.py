@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from dmlrun.components import (
 from dmlrun.config import RUN_MARKERS
 from dmlrun.data.dataset import Split
 from dmlrun.data.samplers import Epoch
-from dmlrun.errors import ConfigError, UserError
+from dmlrun.errors import ConfigError, Interrupted, UserError
 from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
 from dmlrun.losses import TripletLoss
 from dmlrun.semi import SemiSupervision, pick_labeled
@@ -50,6 +52,31 @@ def _guard_run_dir(run_dir: Path) -> None:
             f"run folder {run_dir} already holds a run ({', '.join(taken)}); refusing to "
             "overwrite it. Choose another folder with hydra.run.dir=<dir>."
         )
+
+
+received: dict[str, int] = {}
+
+
+def _catch_signals():
+    """SIGINT/SIGTERM set a flag the training loop reads before each step, so the run
+    stops between steps with its checkpoints intact. Returns a function that restores the
+    previous handlers. (Signals can only be caught in the main thread.)"""
+    received.clear()
+
+    def note(signum, _frame):
+        received["signal"] = signum
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # not possible outside the main thread (e.g. a launcher's worker thread)
+        with contextlib.suppress(ValueError):
+            old[sig] = signal.signal(sig, note)
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _guard_resume(run_dir: Path, resume: Path) -> None:
@@ -181,9 +208,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     else:
         _guard_run_dir(run_dir)
     handler = _attach_log_file(run_dir)
+    restore = _catch_signals()
     try:
         return _run(cfg, run_dir, t_start)
+    except Interrupted as exc:
+        done = (run_dir / "checkpoints" / "last.pt").is_file()
+        raise Interrupted(
+            f"{exc}. " + (f"checkpoints/last.pt holds the last finished epoch; continue with "
+                          f"trainer.resume={run_dir}" if done else
+                          "No epoch had finished, so there is nothing to resume."),
+            exc.exit_code - 128) from None
     finally:
+        restore()
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
@@ -328,8 +364,12 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
             return True
         return False
 
+    nonfinite = str(tcfg.get("nonfinite", "stop"))
+    if nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"trainer.nonfinite must be stop or skip, got {nonfinite!r}")
     step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every), tcfg.progress_bar,
-                          float(cfg.semi.get("unlabeled_weight", 1.0)))
+                          float(cfg.semi.get("unlabeled_weight", 1.0)), nonfinite,
+                          lambda: received.get("signal"))
     if semi is None:
         def next_epoch() -> Epoch:
             return parts.sampler.epoch(data.train.labels, sampler_rng)
@@ -366,6 +406,10 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
                          start_epoch=start_epoch, on_steps=write_steps)
 
     # Test once, with the model chosen on validation.
+    if best["epoch"] == 0:
+        raise UserError(
+            f"no epoch gave finite validation metrics (the model diverged), so there is no "
+            f"best checkpoint to test; lower optimizer.lr. Per-epoch records: {metrics_path}")
     best_state = checkpoint.load_checkpoint(ckpt_dir / "best.pt", map_location=device)
     model.load_state_dict(best_state["model"])
     test_emb, test = evaluate(data.test.images, data.test.labels)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from dmlrun.data.dataset import Split, images_to_float
 from dmlrun.data.samplers import Epoch
-from dmlrun.errors import UserError
+from dmlrun.errors import Interrupted, UserError
 from dmlrun.losses.base import MetricLoss
 from dmlrun.miners.base import Miner
 from dmlrun.tuples import label_masks
@@ -35,6 +35,11 @@ class StepConfig:
     log_every: int = 20
     progress_bar: bool | None = None  # None: only on a terminal
     extra_weight: float = 1.0  # weight of the loss on ``Epoch.extra`` batches
+    # "stop": a non-finite loss ends the run (checked every log_every steps); "skip": every
+    # step is checked, and a step with a non-finite loss or gradient is not applied.
+    nonfinite: str = "stop"
+    # Called before every step; a signal number ends the epoch with ``Interrupted``.
+    should_stop: Callable[[], int | None] | None = None
 
 
 STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance")
@@ -50,6 +55,13 @@ def batch_distances(
         pos, neg = label_masks(labels)
         return torch.stack([(d * pos).sum() / pos.sum().clamp_min(1),
                             (d * neg).sum() / neg.sum().clamp_min(1)])
+
+
+def _finite_step(loss: torch.Tensor, *modules: nn.Module) -> bool:
+    """True when the loss and every gradient are finite (one host sync)."""
+    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return bool(torch.isfinite(loss) & torch.isfinite(norm))
 
 
 def _extra_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None, split: Split,
@@ -93,7 +105,11 @@ def train_epoch(
     bar = tqdm(range(len(epoch)), desc=desc, leave=False, dynamic_ncols=True,
                disable=None if show is None else not show)
     t0 = time.perf_counter()
+    applied = torch.ones(len(epoch), dtype=torch.bool, device=device)
     for step in bar:
+        if step_cfg.should_stop is not None and (signum := step_cfg.should_stop()):
+            raise Interrupted(f"stopped by signal {signum} at step {step + 1} of {desc}",
+                              signum)
         idx = epoch.indices[step]
         x = images_to_float(split.images[idx])
         if step_cfg.channels_last:
@@ -116,12 +132,19 @@ def train_epoch(
                 model, loss_fn, miner, split, epoch.extra[step], step_cfg)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if step_cfg.nonfinite == "skip" and not _finite_step(total, model, loss_fn):
+            applied[step] = False
+            log.warning("%s step %d: non-finite loss or gradient; step skipped", desc,
+                        step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            continue
         optimizer.step()
         steps[step] = torch.cat([torch.stack([out.loss.detach(), out.tuples, out.active,
                                               n_mined]).float(),
                                  batch_distances(loss_fn, emb.detach(), labels)])
         if (step + 1) % step_cfg.log_every == 0 or step + 1 == len(epoch):
-            loss_so_far, tuples, _, n, pos_d, neg_d = steps[: step + 1].mean(0).tolist()
+            window = steps[: step + 1][applied[: step + 1]]
+            loss_so_far, tuples, _, n, pos_d, neg_d = window.mean(0).tolist()
             if not math.isfinite(loss_so_far):
                 raise NonFiniteLoss(
                     f"training loss became non-finite by step {step + 1} of {desc}; lower the "
@@ -139,7 +162,11 @@ def train_epoch(
                             mined=f"{n:.0f}" if miner is not None else "-",
                             d_pos=f"{pos_d:.3g}", d_neg=f"{neg_d:.3g}")
     seconds = time.perf_counter() - t0
-    steps = steps.cpu()
+    applied = applied.cpu()
+    steps = steps.cpu()[applied]
+    if len(steps) == 0:
+        raise NonFiniteLoss(f"every step of {desc} had a non-finite loss or gradient and was "
+                            "skipped; lower the learning rate (optimizer.lr) or check the data")
     loss, tuples, active, mined, pos_d, neg_d = steps.mean(0).tolist()
     n_images = epoch.indices.numel()
     return {
@@ -152,6 +179,7 @@ def train_epoch(
         "pos_distance": pos_d,
         "neg_distance": neg_d,
         "first_neg_distance": float(steps[0, 5]),
+        "skipped_steps": int((~applied).sum()),
         "train_seconds": seconds,
         "samples_per_s": n_images / seconds,
         "steps": steps,

@@ -1,0 +1,105 @@
+"""Signals, non-finite losses, broken checkpoints and determinism, through the real CLI."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dmlrun.losses import ContrastiveLoss
+from dmlrun.run import run
+from dmlrun.train import NonFiniteLoss
+from tests.conftest import DATA_DIR, TINY, compose_cfg, run_cli
+
+TIMING = {"train_seconds", "samples_per_s", "epoch_seconds"}
+QUICK = [*TINY, "trainer.epoch_plots=false", "evaluation.baselines=false"]
+LONG = [a for a in QUICK if not a.startswith(("trainer.max_epochs", "sampler.batches"))] + [
+    "trainer.max_epochs=3", "sampler.batches_per_epoch=12"]
+
+
+def records(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_and_the_run_resumes(tmp_path, data_dir, sig):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "DMLRUN_DATA_DIR": str(DATA_DIR)}
+    proc = subprocess.Popen([sys.executable, "-m", "dmlrun", *LONG, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"stopped by signal {int(sig)}" in err and f"trainer.resume={run_dir}" in err
+    assert "Traceback" not in err and not (run_dir / "summary.json").exists()
+    if sig == signal.SIGTERM:  # (resume itself is tested in test_resume.py)
+        res = run_cli(LONG + [f"trainer.resume={run_dir}"], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert [r["epoch"] for r in records(run_dir)] == [1, 2, 3]
+
+
+class FlakyLoss(ContrastiveLoss):
+    """The contrastive loss, NaN on every second call."""
+
+    calls = 0
+
+    def _compute(self, embeddings, labels, indices):
+        out = super()._compute(embeddings, labels, indices)
+        FlakyLoss.calls += 1
+        return out._replace(loss=out.loss * float("nan")) if FlakyLoss.calls % 2 == 0 else out
+
+
+def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
+    res = run_cli(QUICK + ["optimizer.lr=1e30", f"hydra.run.dir={tmp_path}/stop"], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "non-finite by step" in res.stderr or "no epoch gave finite" in res.stderr
+    assert not (tmp_path / "stop" / "summary.json").exists()
+    if (tmp_path / "stop" / "checkpoints" / "best.pt").exists():  # never NaN weights as best
+        best = torch.load(tmp_path / "stop" / "checkpoints" / "best.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in best["model"].values())
+
+    flaky = [f"paths.data_dir={data_dir}", "loss._target_=tests.test_reliability.FlakyLoss"]
+    FlakyLoss.calls = 0
+    with pytest.raises(NonFiniteLoss, match="non-finite by step"):
+        run(compose_cfg(QUICK + flaky), tmp_path / "flaky_stop")
+    FlakyLoss.calls = 0
+    run(compose_cfg(QUICK + flaky + ["trainer.nonfinite=skip"]), tmp_path / "flaky_skip")
+    recs = records(tmp_path / "flaky_skip")
+    assert [r["skipped_steps"] for r in recs] == [2, 2]  # 4 steps per epoch, every 2nd NaN
+    assert all(math.isfinite(r["train_loss"]) for r in recs)
+    res = run_cli(QUICK + ["trainer.nonfinite=maybe", f"hydra.run.dir={tmp_path}/bad"],
+                  cwd=tmp_path)
+    assert res.returncode == 2 and "trainer.nonfinite must be stop or skip" in res.stderr
+
+
+def test_truncated_checkpoint_is_named(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    res = run_cli(QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run_dir / "summary.json").unlink()  # as if killed before the end
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    res = run_cli(QUICK + [f"trainer.resume={run_dir}"], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(last) in res.stderr and "truncated or corrupt" in res.stderr
+
+
+def test_same_seed_same_metrics_on_cpu(tmp_path, data_dir):
+    for name in ("a", "b"):
+        res = run_cli(QUICK + [f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert records(tmp_path / "a") == records(tmp_path / "b")
+    steps = [(tmp_path / n / "steps.jsonl").read_text() for n in ("a", "b")]
+    assert steps[0] == steps[1]
