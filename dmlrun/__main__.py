@@ -1,4 +1,4 @@
-from dmlrun.cli import main
+from dmlrun.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

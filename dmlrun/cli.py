@@ -39,5 +39,61 @@ def main(cfg: DictConfig) -> float | None:
     return summary["val"][summary["monitor"]]
 
 
+def closest_name(message: str) -> str | None:
+    """For Hydra's unknown-key and unknown-option errors, the closest valid name."""
+    import difflib
+    import re
+    from importlib import resources
+
+    from hydra import compose, initialize_config_module
+
+    configs = resources.files("dmlrun.configs")
+    groups = sorted(p.name for p in configs.iterdir() if p.is_dir() and p.name != "__pycache__")
+    if m := re.search(r"Could not find '(\w+)/([^']+)'", message):
+        group, wrong = m.groups()
+        names = [p.name.removesuffix(".yaml") for p in (configs / group).iterdir()
+                 if p.name.endswith(".yaml")]
+        close = difflib.get_close_matches(wrong, names, n=1, cutoff=0.5)
+        return f"{group}={close[0]}" if close else None
+    if m := re.search(r"Could not override '([\w.]+)'", message):
+        *parent, wrong = m.group(1).split(".")
+        with initialize_config_module(config_module="dmlrun.configs", version_base="1.3"):
+            node = compose(config_name="config")
+        for key in parent:
+            node = node.get(key) if hasattr(node, "get") else None
+            if node is None:
+                return None
+        names = [str(k) for k in node] + (groups if not parent else [])
+        close = difflib.get_close_matches(wrong, names, n=1, cutoff=0.6)
+        return ".".join([*parent, close[0]]) if close else None
+    return None
+
+
+def entry() -> None:
+    """The console script: Hydra's errors in composing the config (unknown key, option or
+    bad override) become one message with the closest valid name and exit code 2."""
+    import os
+
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
+
+    if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full traces
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us, not Hydra
+    try:
+        main()
+    except (ConfigCompositionException, MissingConfigException,
+            OverrideParseException) as exc:
+        message = str(exc).split("\nConfig search path:")[0].strip()
+        hint = closest_name(message)
+        print(f"dmlrun: error: {message}" + (f"\nDid you mean {hint}?" if hint else ""),
+              file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -90,6 +90,19 @@ def test_unknown_loss_lists_choices(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("override,hint", [
+    ("trainer.max_epoch=3", "Did you mean trainer.max_epochs?"),
+    ("loss=tripplet", "Did you mean loss=triplet?"),
+    ("loss.margn=0.5", "Did you mean loss.margin?"),
+    ("lss=triplet", "Did you mean loss?"),
+])
+def test_typos_get_the_closest_valid_name(tmp_path, override, hint):
+    res = run_cli([override, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("dmlrun: error:") and hint in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_triplet_loss_with_pair_sampler_fails_early(tmp_path):
     res = run_cli(["loss=triplet", "sampler=pairs", "miner=none", f"hydra.run.dir={tmp_path}/r"],
                   cwd=tmp_path)
