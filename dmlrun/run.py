@@ -225,15 +225,46 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             handler.close()
 
 
+def validate_config(cfg: DictConfig) -> Any:
+    """Every check that needs no data: ranges, choices, and whether the parts fit. Builds
+    and returns the loss, miner and sampler; raises ConfigError with one message."""
+    tcfg = cfg.trainer
+    checks = [
+        (int(tcfg.max_epochs) >= 1, f"trainer.max_epochs must be >= 1, got {tcfg.max_epochs}"),
+        (tcfg.monitor in METRIC_NAMES, f"trainer.monitor={tcfg.monitor} is not a validation "
+                                       f"metric; choose one of {', '.join(METRIC_NAMES)}"),
+        (str(tcfg.get("nonfinite", "stop")) in ("stop", "skip"),
+         f"trainer.nonfinite must be stop or skip, got {tcfg.get('nonfinite')!r}"),
+        (int(tcfg.log_every) >= 1, f"trainer.log_every must be >= 1, got {tcfg.log_every}"),
+        (int(tcfg.eval_batch_size) >= 1,
+         f"trainer.eval_batch_size must be >= 1, got {tcfg.eval_batch_size}"),
+        (int(cfg.evaluation.knn_k) >= 1, f"evaluation.knn_k must be >= 1, got "
+                                         f"{cfg.evaluation.knn_k}"),
+    ]
+    per_class = cfg.dataset.get("labeled_per_class")
+    if per_class is not None:
+        checks.append((int(per_class) >= 2, "dataset.labeled_per_class must be >= 2 (a class "
+                                            f"needs a positive pair), got {per_class}"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    parts = build_components(cfg)
+    n_classes = cfg.dataset.get("num_classes")
+    if n_classes is not None and hasattr(parts.sampler, "check"):
+        parts.sampler.check(int(n_classes))
+    with torch.random.fork_rng(devices=[]):  # a trial build; the run's RNG stays as it was
+        model = build(cfg.model, f"model={choice(cfg, 'model')}")
+        build_partial(cfg.optimizer, f"optimizer={choice(cfg, 'optimizer')}",
+                      model.parameters())
+    resolve_device(str(tcfg.device))
+    resolve_amp(tcfg.amp, torch.device("cpu"))
+    return parts
+
+
 def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     tcfg = cfg.trainer
-    if tcfg.max_epochs < 1:
-        raise ConfigError(f"trainer.max_epochs must be >= 1, got {tcfg.max_epochs}")
-    if tcfg.monitor not in METRIC_NAMES:
-        raise ConfigError(f"trainer.monitor={tcfg.monitor} is not a validation metric; "
-                          f"choose one of {', '.join(METRIC_NAMES)}")
     seed_everything(int(cfg.seed))  # before building: losses may draw initial proxies
-    parts = build_components(cfg)  # checks compatibility before any data loads
+    parts = validate_config(cfg)  # before any data loads
     device = resolve_device(str(tcfg.device))
     amp_dtype = resolve_amp(tcfg.amp, device)
     names = {g: choice(cfg, g) for g in ("dataset", "model", "loss", "miner", "sampler")}
@@ -365,8 +396,6 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         return False
 
     nonfinite = str(tcfg.get("nonfinite", "stop"))
-    if nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"trainer.nonfinite must be stop or skip, got {nonfinite!r}")
     step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every), tcfg.progress_bar,
                           float(cfg.semi.get("unlabeled_weight", 1.0)), nonfinite,
                           lambda: received.get("signal"))
