@@ -3,6 +3,7 @@ message and a non-zero exit."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ from dmlrun.errors import UserError
 log = logging.getLogger("dmlrun")
 
 EXIT_USER_ERROR = 2
+# read-only, no permission, disk full, quota, a file where a folder should be
+STORAGE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
+                  errno.ENOTDIR, errno.EEXIST}
 
 
 @hydra.main(version_base="1.3", config_path="pkg://dmlrun.configs", config_name="config")
@@ -92,6 +96,14 @@ def entry() -> None:
         hint = closest_name(message)
         print(f"dmlrun: error: {message}" + (f"\nDid you mean {hint}?" if hint else ""),
               file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        where = exc.filename or "the output folder"
+        print(f"dmlrun: error: cannot write {where}: {exc.strerror}. Earlier files are left "
+              "as they were; choose another folder (hydra.run.dir=..., paths.output_dir=...) "
+              "or free space.", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 

@@ -103,3 +103,23 @@ def test_same_seed_same_metrics_on_cpu(tmp_path, data_dir):
     assert records(tmp_path / "a") == records(tmp_path / "b")
     steps = [(tmp_path / n / "steps.jsonl").read_text() for n in ("a", "b")]
     assert steps[0] == steps[1]
+
+
+def test_unwritable_output_folder_is_one_message(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = run_cli(QUICK + [f"hydra.run.dir={blocker}/run"], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "cannot write" in res.stderr and str(blocker) in res.stderr
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_is_one_message_and_checkpoints_survive(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "steps.jsonl").symlink_to("/dev/full")  # every write to it: ENOSPC
+    res = run_cli(QUICK + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "No space left on device" in res.stderr
+    assert not list(run_dir.rglob("*.tmp"))  # no half-written checkpoint left behind
