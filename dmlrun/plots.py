@@ -142,7 +142,9 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str]) ->
         ax_frac.set_ylim(0, 1.05)
         lines = ax_mine.get_legend_handles_labels()
         extra = ax_frac.get_legend_handles_labels()
-        ax_mine.legend(lines[0] + extra[0], lines[1] + extra[1], loc="best")
+        # below the panel: the lines fill every corner of it
+        ax_mine.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper center",
+                       bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8, frameon=False)
     ax_mine.set_xlabel("epoch")
     ax_mine.set_title("mining")
     for ax in (ax_loss, ax_val, ax_mine):
