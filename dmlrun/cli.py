@@ -34,13 +34,29 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg, run_dir)
     except UserError as exc:
+        if not _is_main_rank():  # rank 0 reports it; the others only exit
+            sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))
         log.error("%s", exc)
         if hc.mode == RunMode.MULTIRUN:
             (run_dir / "FAILED").write_text(f"{exc}\n")
             return None
         print(f"dmlrun: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))
+    if summary is None:  # a rank other than 0 of a multi-process run
+        return None
     return summary["val"][summary["monitor"]]
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+# For the processes of a torchrun job other than rank 0: Hydra creates no folder (the
+# current one is reused), saves no config and opens no log file; rank 0 writes the run.
+QUIET_RANK_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null",
+                        "hydra/job_logging=none"]
 
 
 def closest_name(message: str) -> str | None:
@@ -84,6 +100,14 @@ def entry() -> None:
         OverrideParseException,
     )
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            print("dmlrun: error: a sweep (-m) cannot run inside torchrun; launch one torchrun "
+                  "per job, or sweep with hydra/launcher=slurm and "
+                  "hydra.launcher.tasks_per_node=<processes>", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        if not _is_main_rank():
+            sys.argv += QUIET_RANK_OVERRIDES
     if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full traces
         main()
         return

@@ -26,6 +26,11 @@ class Components:
     sampler: Any
 
 
+# The picked options, for processes that run outside the Hydra app that composed the
+# config (the ranks of ``trainer.devices=N``).
+CHOICES: dict[str, str] = {}
+
+
 def choice(cfg: DictConfig, group: str) -> str:
     """The config-group option a user picked (``loss=triplet`` -> "triplet"), falling
     back to the ``_target_`` class name outside a Hydra app."""
@@ -35,6 +40,8 @@ def choice(cfg: DictConfig, group: str) -> str:
         picked = HydraConfig.get().runtime.choices.get(group)
         if picked:
             return str(picked)
+    if CHOICES.get(group):
+        return CHOICES[group]
     node = cfg.get(group)
     if not has_target(node):
         return "none"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dmlrun import checkpoint, plots
+from dmlrun import checkpoint, distributed, plots
 from dmlrun.components import (
     build,
     build_components,
@@ -32,6 +32,7 @@ from dmlrun.components import (
 from dmlrun.config import RUN_MARKERS
 from dmlrun.data.dataset import Split
 from dmlrun.data.samplers import Epoch
+from dmlrun.distributed import Ranks
 from dmlrun.errors import ConfigError, Interrupted, UserError
 from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
 from dmlrun.losses import TripletLoss
@@ -42,6 +43,7 @@ log = logging.getLogger("dmlrun")
 
 COLLAPSE_RATIO = 0.01  # class distances this small a fraction of the start: collapsed
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's
 
 
 def _guard_run_dir(run_dir: Path) -> None:
@@ -130,7 +132,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler | None:
     if HydraConfig.initialized():
         return None
     handler = logging.FileHandler(run_dir / "dmlrun.log")
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
@@ -197,20 +199,104 @@ def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]
     return groups
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train and evaluate one configuration; write checkpoints, metrics, plots and summary
-    into ``run_dir``. Raises UserError for problems the user can fix."""
-    t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.get("resume"):
-        _guard_resume(run_dir, Path(str(cfg.trainer.resume)))
-    else:
-        _guard_run_dir(run_dir)
-    handler = _attach_log_file(run_dir)
-    restore = _catch_signals()
+def _devices(cfg: DictConfig) -> int | None:
+    """``trainer.devices``: None for "auto" (as many processes as were started), else the
+    number of processes to train with."""
+    devices = cfg.trainer.get("devices", "auto")
+    if devices == "auto":
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"trainer.devices must be auto or a number >= 1, got {devices!r}")
+    return devices
+
+
+def _guard(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> Path:
+    """Rank 0 checks the run folder; every rank gets its path, or rank 0's refusal."""
+    problem = None
+    if ranks.main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.trainer.get("resume"):
+                _guard_resume(run_dir, Path(str(cfg.trainer.resume)))
+            else:
+                _guard_run_dir(run_dir)
+        except UserError as exc:
+            problem = str(exc)
+    run_dir, problem = distributed.broadcast((run_dir, problem))
+    if problem:
+        raise UserError(problem)
+    return run_dir
+
+
+def _rank_main(config: dict, run_dir: str, choices: dict, errors: Any) -> None:
+    """One process of ``trainer.devices=N``: the run with this rank's share; rank 0 logs
+    to stdout and reports a user error to the parent."""
+    import os
+    import sys
+
+    from dmlrun import components
+
+    components.CHOICES.update(choices)
+    main = os.environ["RANK"] == "0"
+    if main:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
     try:
-        return _run(cfg, run_dir, t_start)
+        run(OmegaConf.create(config), run_dir)
+    except UserError as exc:
+        code = getattr(exc, "exit_code", 2)
+        if main:
+            errors.put((code, str(exc)))
+        sys.exit(code)
+
+
+def _spawn_ranks(cfg: DictConfig, run_dir: Path, n: int) -> dict[str, Any]:
+    """``trainer.devices=n`` without torchrun: start n processes on this machine, wait,
+    and return rank 0's summary."""
+    validate_config(cfg)  # fail here, once, rather than in every process
+    if resolve_device(str(cfg.trainer.device)).type == "cuda" and \
+            n > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={n} but this machine has "
+                          f"{torch.cuda.device_count()} GPU(s); one process per GPU")
+    log.info("starting %d processes on this machine", n)
+    choices = {g: choice(cfg, g) for g in cfg}
+    code, message = distributed.spawn(
+        _rank_main, n, OmegaConf.to_container(cfg, resolve=True), str(run_dir), choices)
+    if code:
+        error = (Interrupted(message, code - 128) if code > 128 and message else
+                 UserError(message or f"a training process failed (exit code {code}); see "
+                                      "its output above"))
+        error.exit_code = code
+        raise error
+    with open(run_dir / "summary.json") as f:
+        return json.load(f)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
+    """Train and evaluate one configuration; write checkpoints, metrics, plots and summary
+    into ``run_dir``. Raises UserError for problems the user can fix.
+
+    Started by torchrun (or as a SLURM job's tasks), every process calls this; only rank 0
+    writes ``run_dir`` and returns the summary, the others return None."""
+    t_start = time.perf_counter()
+    ranks = distributed.from_env()
+    wanted = _devices(cfg)
+    if ranks.world == 1 and wanted is not None and wanted > 1:
+        return _spawn_ranks(cfg, Path(run_dir), wanted)
+    if ranks.world > 1 and wanted not in (None, ranks.world):
+        raise ConfigError(f"trainer.devices={wanted} but {ranks.world} processes were "
+                          f"started; set trainer.devices=auto or {ranks.world}")
+    device = resolve_device(str(cfg.trainer.device))
+    opened = ranks.world > 1 and not distributed.world()[1] > 1
+    device = distributed.init(ranks, device)
+    quiet = logging.getLogger("dmlrun").level if not ranks.main else None
+    if not ranks.main:  # rank 0 speaks for the run
+        logging.getLogger("dmlrun").setLevel(logging.ERROR)
+    handler = restore = None
+    try:
+        run_dir = _guard(cfg, Path(run_dir), ranks)
+        handler = _attach_log_file(run_dir) if ranks.main else None
+        restore = _catch_signals()
+        return _run(cfg, run_dir, t_start, ranks, device)
     except Interrupted as exc:
         done = (run_dir / "checkpoints" / "last.pt").is_file()
         raise Interrupted(
@@ -219,10 +305,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           "No epoch had finished, so there is nothing to resume."),
             exc.exit_code - 128) from None
     finally:
-        restore()
+        if restore is not None:
+            restore()
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        if quiet is not None:
+            logging.getLogger("dmlrun").setLevel(quiet)
+        if opened:
+            distributed.close()
 
 
 def validate_config(cfg: DictConfig) -> Any:
@@ -235,6 +326,8 @@ def validate_config(cfg: DictConfig) -> Any:
                                        f"metric; choose one of {', '.join(METRIC_NAMES)}"),
         (str(tcfg.get("nonfinite", "stop")) in ("stop", "skip"),
          f"trainer.nonfinite must be stop or skip, got {tcfg.get('nonfinite')!r}"),
+        (str(tcfg.get("mining", "global")) in ("global", "local"),
+         f"trainer.mining must be global or local, got {tcfg.get('mining')!r}"),
         (int(tcfg.log_every) >= 1, f"trainer.log_every must be >= 1, got {tcfg.log_every}"),
         (int(tcfg.eval_batch_size) >= 1,
          f"trainer.eval_batch_size must be >= 1, got {tcfg.eval_batch_size}"),
@@ -258,19 +351,29 @@ def validate_config(cfg: DictConfig) -> Any:
                       model.parameters())
     resolve_device(str(tcfg.device))
     resolve_amp(tcfg.amp, torch.device("cpu"))
+    _devices(cfg)
     return parts
 
 
-def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
+def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
+         device: torch.device) -> dict[str, Any] | None:
     tcfg = cfg.trainer
     seed_everything(int(cfg.seed))  # before building: losses may draw initial proxies
     parts = validate_config(cfg)  # before any data loads
-    device = resolve_device(str(tcfg.device))
+    mining = str(tcfg.get("mining", "global"))
+    distributed.check_divisible(parts.sampler, ranks.world, mining == "local")
+    if ranks.world > 1 and cfg.dataset.get("labeled_per_class") is not None:
+        raise ConfigError("semi-supervised runs (dataset.labeled_per_class) train in one "
+                          "process for now; drop torchrun / trainer.devices")
     amp_dtype = resolve_amp(tcfg.amp, device)
     names = {g: choice(cfg, g) for g in ("dataset", "model", "loss", "miner", "sampler")}
     log.info("run folder: %s", run_dir.resolve())
     log.info("device %s, amp %s; %s", device, amp_dtype, " ".join(f"{k}={v}" for k, v in
                                                                names.items()))
+    if ranks.world > 1:
+        log.info("%d processes (%s), each with %d of the %d images per batch; mining %s",
+                 ranks.world, "nccl" if device.type == "cuda" else "gloo",
+                 parts.sampler.batch_size // ranks.world, parts.sampler.batch_size, mining)
 
     data = build(cfg.dataset, f"dataset={names['dataset']}", seed=int(cfg.seed)).to(device)
     parts.sampler.check(data.num_classes)
@@ -321,13 +424,15 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         return emb, evaluate_embeddings(emb, labels, distance, knn_k, int(cfg.seed))
 
     baselines = {}
-    if ecfg.baselines:
+    if ecfg.baselines and ranks.main:
         baselines["untrained"] = evaluate(data.test.images, data.test.labels)[1]
         raw = data.test.images.flatten(1).float() / 255.0
         baselines["raw_pixels"] = evaluate_embeddings(raw, data.test.labels, distance, knn_k,
                                                       int(cfg.seed))
 
     def validate(epoch: int) -> dict[str, float]:
+        if not ranks.main:  # evaluation runs once, on rank 0
+            return {}
         emb, metrics = evaluate(data.val.images, data.val.labels)
         if tcfg.epoch_plots:
             frames.append((epoch, emb[frame_idx].cpu()))
@@ -337,7 +442,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
     first_neg_distance: dict[str, float] = {}
 
     logger = (build_partial(cfg.logger, f"logger={choice(cfg, 'logger')}", run_dir)
-              if has_target(cfg.get("logger")) else None)
+              if has_target(cfg.get("logger")) and ranks.main else None)
 
     def on_epoch_end(record: dict) -> bool:
         """Checkpoint, log; return True to stop early."""
@@ -395,13 +500,20 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
             return True
         return False
 
+    def on_epoch_end_all(record: dict) -> bool:
+        """Rank 0 writes the epoch and decides whether to stop; every rank follows."""
+        return distributed.broadcast(on_epoch_end(record) if ranks.main else False)
+
     nonfinite = str(tcfg.get("nonfinite", "stop"))
-    step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every), tcfg.progress_bar,
+    step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every),
+                          tcfg.progress_bar if ranks.main else False,
                           float(cfg.semi.get("unlabeled_weight", 1.0)), nonfinite,
-                          lambda: received.get("signal"))
+                          lambda: received.get("signal"), ranks.world, mining)
     if semi is None:
         def next_epoch() -> Epoch:
-            return parts.sampler.epoch(data.train.labels, sampler_rng)
+            # every rank draws the same global epoch and keeps its slice of each batch
+            return distributed.shard(parts.sampler.epoch(data.train.labels, sampler_rng),
+                                     ranks)
     else:
         def next_epoch() -> Epoch:
             return semi.next_epoch(lambda: embed(model, data.train.images, eval_bs, amp_dtype),
@@ -421,6 +533,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         random.setstate(state["python_rng"])
         best.update(state["best"])
         start_epoch = int(state["epoch"]) + 1
+    if tcfg.get("resume") and ranks.main:
         done = _truncate_jsonl(metrics_path, start_epoch - 1)
         if not done or done[-1]["epoch"] != start_epoch - 1:  # killed before the line
             done.append(state["metrics"])
@@ -430,9 +543,16 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         first_neg_distance["value"] = done[0]["first_neg_distance"]
         log.info("resuming %s after epoch %d (best epoch %d)", run_dir, start_epoch - 1,
                  best["epoch"])
-    history = done + fit(model, loss_fn, parts.miner, optimizer, scheduler, next_epoch,
-                         train_split, validate, on_epoch_end, int(tcfg.max_epochs), step_cfg,
-                         start_epoch=start_epoch, on_steps=write_steps)
+    train_model = model
+    if ranks.world > 1:  # averages gradients over ranks during backward
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    history = done + fit(train_model, loss_fn, parts.miner, optimizer, scheduler, next_epoch,
+                         train_split, validate, on_epoch_end_all, int(tcfg.max_epochs),
+                         step_cfg, start_epoch=start_epoch,
+                         on_steps=write_steps if ranks.main else None)
+    if not ranks.main:
+        return None
 
     # Test once, with the model chosen on validation.
     if best["epoch"] == 0:
@@ -487,6 +607,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
         / train_seconds,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+        "processes": ranks.world,
+        **({"mining": mining} if ranks.world > 1 else {}),
         "versions": versions(),
     }
     with open(run_dir / "summary.json", "w") as f:

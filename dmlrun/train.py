@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dmlrun import distributed
 from dmlrun.data.dataset import Split, images_to_float
 from dmlrun.data.samplers import Epoch
 from dmlrun.errors import Interrupted, UserError
@@ -40,6 +41,10 @@ class StepConfig:
     nonfinite: str = "stop"
     # Called before every step; a signal number ends the epoch with ``Interrupted``.
     should_stop: Callable[[], int | None] | None = None
+    # Processes training together; with several, "global" mining gathers the embeddings
+    # of all ranks (the single-process batch), "local" mines each rank's slice alone.
+    world: int = 1
+    mining: str = "global"
 
 
 STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance")
@@ -57,11 +62,34 @@ def batch_distances(
                             (d * neg).sum() / neg.sum().clamp_min(1)])
 
 
+def _stop_signal(step_cfg: StepConfig, step: int, device: torch.device) -> int:
+    """The signal that asks the run to stop, or 0. With several processes, every rank
+    asks its peers at the same steps (every ``log_every``), so all stop together."""
+    if step_cfg.should_stop is None:
+        return 0
+    if step_cfg.world == 1:
+        return step_cfg.should_stop() or 0
+    if step % step_cfg.log_every:
+        return 0
+    mine = torch.tensor(step_cfg.should_stop() or 0, device=device)
+    return int(distributed.all_reduce(mine, "max"))
+
+
+def _global_batch(emb: torch.Tensor, labels: torch.Tensor, step_cfg: StepConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's embeddings and labels, in batch order, when mining globally."""
+    if step_cfg.world == 1 or step_cfg.mining == "local":
+        return emb, labels
+    return distributed.gather_with_grad(emb, same_size=True), \
+        distributed.gather_labels(labels, same_size=True)
+
+
 def _finite_step(loss: torch.Tensor, *modules: nn.Module) -> bool:
     """True when the loss and every gradient are finite (one host sync)."""
     grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return bool(torch.isfinite(loss) & torch.isfinite(norm))
+    ok = (torch.isfinite(loss) & torch.isfinite(norm)).float()
+    return bool(distributed.all_reduce(ok, "min"))  # every rank skips the same steps
 
 
 def _extra_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None, split: Split,
@@ -74,7 +102,7 @@ def _extra_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None, spli
     with torch.autocast(x.device.type, dtype=step_cfg.amp_dtype,
                         enabled=step_cfg.amp_dtype is not None):
         emb = model(x)
-    emb = emb.float()
+    emb, labels = _global_batch(emb.float(), labels, step_cfg)
     indices = miner(emb, labels).indices if miner is not None else None
     return loss_fn.compute(emb, labels, indices).loss
 
@@ -107,7 +135,7 @@ def train_epoch(
     t0 = time.perf_counter()
     applied = torch.ones(len(epoch), dtype=torch.bool, device=device)
     for step in bar:
-        if step_cfg.should_stop is not None and (signum := step_cfg.should_stop()):
+        if signum := _stop_signal(step_cfg, step, device):
             raise Interrupted(f"stopped by signal {signum} at step {step + 1} of {desc}",
                               signum)
         idx = epoch.indices[step]
@@ -118,7 +146,7 @@ def train_epoch(
         with torch.autocast(device.type, dtype=step_cfg.amp_dtype,
                             enabled=step_cfg.amp_dtype is not None):
             emb = model(x)
-        emb = emb.float()
+        emb, labels = _global_batch(emb.float(), labels, step_cfg)
         if miner is not None:
             mined = miner(emb, labels)
             indices, n_mined = mined.indices, mined.mined
@@ -132,6 +160,11 @@ def train_epoch(
                 model, loss_fn, miner, split, epoch.extra[step], step_cfg)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if step_cfg.world > 1:  # DDP averages the model's gradients; these are the loss's
+            for p in loss_fn.parameters():
+                if p.requires_grad:  # every rank joins, with or without a gradient
+                    g = p.grad if p.grad is not None else torch.zeros_like(p)
+                    p.grad = distributed.all_reduce(g, "mean")
         if step_cfg.nonfinite == "skip" and not _finite_step(total, model, loss_fn):
             applied[step] = False
             log.warning("%s step %d: non-finite loss or gradient; step skipped", desc,
@@ -144,7 +177,10 @@ def train_epoch(
                                  batch_distances(loss_fn, emb.detach(), labels)])
         if (step + 1) % step_cfg.log_every == 0 or step + 1 == len(epoch):
             window = steps[: step + 1][applied[: step + 1]]
-            loss_so_far, tuples, _, n, pos_d, neg_d = window.mean(0).tolist()
+            means = window.mean(0)
+            if step_cfg.world > 1 and step_cfg.mining == "local":
+                means = distributed.all_reduce(means, "mean")
+            loss_so_far, tuples, _, n, pos_d, neg_d = means.tolist()
             if not math.isfinite(loss_so_far):
                 raise NonFiniteLoss(
                     f"training loss became non-finite by step {step + 1} of {desc}; lower the "
@@ -162,13 +198,15 @@ def train_epoch(
                             mined=f"{n:.0f}" if miner is not None else "-",
                             d_pos=f"{pos_d:.3g}", d_neg=f"{neg_d:.3g}")
     seconds = time.perf_counter() - t0
+    if step_cfg.world > 1 and step_cfg.mining == "local":
+        steps = distributed.all_reduce(steps, "mean")  # rank means; "applied" agrees (DDP)
     applied = applied.cpu()
     steps = steps.cpu()[applied]
     if len(steps) == 0:
         raise NonFiniteLoss(f"every step of {desc} had a non-finite loss or gradient and was "
                             "skipped; lower the learning rate (optimizer.lr) or check the data")
     loss, tuples, active, mined, pos_d, neg_d = steps.mean(0).tolist()
-    n_images = epoch.indices.numel()
+    n_images = epoch.indices.numel() * step_cfg.world
     return {
         "train_loss": loss,
         "tuples_per_step": tuples,
