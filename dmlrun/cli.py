@@ -102,9 +102,10 @@ def entry() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if {"-m", "--multirun"} & set(sys.argv[1:]):
-            print("dmlrun: error: a sweep (-m) cannot run inside torchrun; launch one torchrun "
-                  "per job, or sweep with hydra/launcher=slurm and "
-                  "hydra.launcher.tasks_per_node=<processes>", file=sys.stderr)
+            if _is_main_rank():
+                print("dmlrun: error: a sweep (-m) cannot run inside torchrun; launch one "
+                      "torchrun per job, or sweep with hydra/launcher=slurm and "
+                      "hydra.launcher.tasks_per_node=<processes>", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
         if not _is_main_rank():
             sys.argv += QUIET_RANK_OVERRIDES
@@ -117,6 +118,8 @@ def entry() -> None:
     except (ConfigCompositionException, MissingConfigException,
             OverrideParseException) as exc:
         message = str(exc).split("\nConfig search path:")[0].strip()
+        if not _is_main_rank():
+            sys.exit(EXIT_USER_ERROR)
         hint = closest_name(message)
         print(f"dmlrun: error: {message}" + (f"\nDid you mean {hint}?" if hint else ""),
               file=sys.stderr)

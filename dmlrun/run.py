@@ -252,7 +252,8 @@ def _rank_main(config: dict, run_dir: str, choices: dict, errors: Any) -> None:
 def _spawn_ranks(cfg: DictConfig, run_dir: Path, n: int) -> dict[str, Any]:
     """``trainer.devices=n`` without torchrun: start n processes on this machine, wait,
     and return rank 0's summary."""
-    validate_config(cfg)  # fail here, once, rather than in every process
+    parts = validate_config(cfg)  # fail here, once, rather than in every process
+    distributed.check_divisible(parts.sampler, n, str(cfg.trainer.mining) == "local")
     if resolve_device(str(cfg.trainer.device)).type == "cuda" and \
             n > torch.cuda.device_count():
         raise ConfigError(f"trainer.devices={n} but this machine has "

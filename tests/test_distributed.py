@@ -1,17 +1,24 @@
-"""Cross-rank mining with 2 gloo processes on the CPU: one optimisation step on a global
-batch split over 2 ranks equals the same step in one process."""
+"""Multi-process training on the CPU with gloo: one step over 2 ranks equals one process
+(global mining) or the mean of per-rank losses (local mining); real runs through torchrun
+and ``trainer.devices=2`` write exactly one run folder and match a single process."""
 
+import json
 import os
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dmlrun.distributed import gather_labels, gather_with_grad
+from dmlrun import distributed
+from dmlrun.data.samplers import PKSampler, TripletSampler
+from dmlrun.distributed import Ranks, gather_labels, gather_with_grad
+from dmlrun.errors import ConfigError
 from dmlrun.losses import ContrastiveLoss, TripletLoss
 from dmlrun.miners import HardMiner
 from dmlrun.models import MLP
+from tests.conftest import TINY, run_cli
 
 
 def batch():
@@ -26,10 +33,14 @@ def model():
     return MLP(embedding_dim=4, hidden_dims=(32,))
 
 
-def step(net, loss_fn, x, y, distributed: bool):
+def make_loss(name):
+    return TripletLoss() if name == "triplet" else ContrastiveLoss()
+
+
+def step(net, loss_fn, x, y, gather: bool):
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     emb = net(x)
-    if distributed:
+    if gather:
         emb, y = gather_with_grad(emb), gather_labels(y)
     loss = loss_fn(emb, y, HardMiner()(emb, y).indices)
     opt.zero_grad()
@@ -39,35 +50,53 @@ def step(net, loss_fn, x, y, distributed: bool):
     return loss.detach(), [p.detach().clone() for p in module.parameters()]
 
 
-def worker(rank, size, init_file, loss_name, out_file):
+def shards():
+    """Uneven, interleaved shards: rank 0 gets 20 images, rank 1 the other 12."""
+    idx = torch.arange(32)
+    return idx[idx % 8 < 5], idx[idx % 8 >= 5]
+
+
+def worker(rank, size, init_file, loss_name, mode, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=size)
     try:
         torch.set_num_threads(1)
         x, y = batch()
-        # uneven, interleaved shards: rank 0 gets 20 images, rank 1 the other 12
-        idx = torch.arange(32)
-        mine = idx[idx % 8 < 5] if rank == 0 else idx[idx % 8 >= 5]
+        mine = shards()[rank]
         net = torch.nn.parallel.DistributedDataParallel(model())
-        loss_fn = TripletLoss() if loss_name == "triplet" else ContrastiveLoss()
-        # the single process sees the batch in the same (rank) order
-        loss, params = step(net, loss_fn, x[mine], y[mine], distributed=True)
+        loss, params = step(net, make_loss(loss_name), x[mine], y[mine], mode == "global")
         if rank == 0:
             torch.save({"loss": loss, "params": params}, out_file)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss_name", ["triplet", "contrastive"])
-def test_two_ranks_match_one_process(tmp_path, loss_name):
-    out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), loss_name, str(out)), nprocs=2)
-    got = torch.load(out)
+def reference(loss_name, mode):
+    """The same step in one process: on the whole batch (in rank order) for global
+    mining; on the mean of the two shards' losses for local mining."""
     x, y = batch()
-    idx = torch.arange(32)
-    order = torch.cat([idx[idx % 8 < 5], idx[idx % 8 >= 5]])
-    loss_fn = TripletLoss() if loss_name == "triplet" else ContrastiveLoss()
-    ref_loss, ref_params = step(model(), loss_fn, x[order], y[order], distributed=False)
+    net, loss_fn = model(), make_loss(loss_name)
+    if mode == "global":
+        order = torch.cat(shards())
+        return step(net, loss_fn, x[order], y[order], gather=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    losses = []
+    for idx in shards():
+        emb = net(x[idx])
+        losses.append(loss_fn(emb, y[idx], HardMiner()(emb, y[idx]).indices))
+    opt.zero_grad()
+    (sum(losses) / 2).backward()
+    opt.step()
+    return losses[0].detach(), [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("loss_name,mode", [("triplet", "global"), ("contrastive", "global"),
+                                            ("triplet", "local")])
+def test_two_ranks_match_one_process(tmp_path, loss_name, mode):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), loss_name, mode, str(out)), nprocs=2)
+    got = torch.load(out)
+    ref_loss, ref_params = reference(loss_name, mode)
     torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-5, atol=1e-5)
     for a, b in zip(got["params"], ref_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -79,3 +108,125 @@ def test_two_ranks_match_one_process(tmp_path, loss_name):
 def test_single_process_is_a_no_op():
     x = torch.randn(5, 3, requires_grad=True)
     assert gather_with_grad(x) is x and os.environ.get("RANK") is None
+    assert distributed.from_env() == Ranks()
+
+
+def test_shards_are_whole_classes_and_rejoin_to_the_batch():
+    labels = torch.arange(10).repeat_interleave(50)
+    epoch = PKSampler(p=4, k=5, batches_per_epoch=3).epoch(labels, torch.Generator())
+    parts = [distributed.shard(epoch, Ranks(r, 2)) for r in range(2)]
+    assert torch.equal(torch.cat([p.indices for p in parts], dim=1), epoch.indices)
+    for part in parts:
+        assert part.indices.shape == (3, 10)
+        for row in labels[part.indices]:  # 2 classes x 5 images on each rank
+            assert sorted(torch.bincount(row).tolist())[-2:] == [5, 5]
+    assert not set(parts[0].indices.flatten().tolist()) & set(
+        parts[1].indices.flatten().tolist())
+
+
+def test_uneven_splits_are_refused():
+    with pytest.raises(ConfigError, match=r"sampler.p=5 .* 2 processes; use a multiple of 2"):
+        distributed.check_divisible(PKSampler(p=5, k=4), 2, local_mining=False)
+    with pytest.raises(ConfigError, match="1 class per process"):
+        distributed.check_divisible(PKSampler(p=2, k=4), 2, local_mining=True)
+    with pytest.raises(ConfigError, match="mining=local needs online mining"):
+        distributed.check_divisible(TripletSampler(triplets_per_batch=8), 2, local_mining=True)
+    distributed.check_divisible(PKSampler(p=4, k=4), 2, local_mining=True)
+
+
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
+         "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2",
+         "SLURM_NODEID": "1"}
+
+
+@pytest.fixture
+def private_env(monkeypatch):
+    """os.environ as a copy: the variables exported here must not reach later tests."""
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+        "SUBMITIT_EXECUTOR")}
+    monkeypatch.setattr(os, "environ", env)
+    return env
+
+
+def test_slurm_tasks_of_the_submitit_launcher_become_ranks(private_env):
+    private_env.update(SLURM, SUBMITIT_EXECUTOR="slurm")
+    assert distributed.from_env() == Ranks(rank=3, world=4, local_rank=1)
+    assert private_env["MASTER_ADDR"] == "gpu07" and int(private_env["MASTER_PORT"]) > 0
+
+
+def test_a_bare_slurm_step_of_several_tasks_is_refused(private_env):
+    private_env.update(SLURM)
+    with pytest.raises(ConfigError, match="4 tasks .* torchrun"):
+        distributed.from_env()
+
+
+# SGD: Adam's first steps divide by tiny second moments and amplify float-rounding
+# differences between the two reductions, so only SGD compares tightly over many steps.
+SAME = [*TINY, "optimizer=sgd", "optimizer.lr=0.0002", "loss=triplet", "miner=semihard",
+        "evaluation.baselines=false", "trainer.epoch_plots=false"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node=2", "-m", "dmlrun"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def only_run_folder(cwd):
+    """The one run folder under cwd/outputs/<date>/, and nothing else written in cwd."""
+    assert sorted(p.name for p in cwd.iterdir()) == ["outputs"]
+    folders = list((cwd / "outputs").glob("*/*"))
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def test_torchrun_writes_one_run_folder_and_matches_one_process(tmp_path, data_dir):
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    env = {"OMP_NUM_THREADS": "1"}
+    ddp = run_cli(SAME, cwd=tmp_path / "ddp", exe=TORCHRUN, env_extra=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = run_cli(SAME, cwd=tmp_path / "one", env_extra=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    run_dir = only_run_folder(tmp_path / "ddp")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["mining"] == "global"
+    assert (run_dir / "plots" / "embedding.png").is_file()
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    assert "2 processes (gloo), each with 125 of the 250 images" in ddp.stdout
+    # the same global batches, mined globally: the same losses and validation metrics
+    ref_dir = only_run_folder(tmp_path / "one")
+    got, ref = read_jsonl(run_dir / "steps.jsonl"), read_jsonl(ref_dir / "steps.jsonl")
+    assert len(got) == len(ref) == 8
+    for a, b in zip(got, ref, strict=True):
+        for key in ("loss", "tuples", "active", "pos_distance", "neg_distance"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    for a, b in zip(read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(ref_dir / "metrics.jsonl"),
+                    strict=True):
+        assert a["val_precision_at_1"] == pytest.approx(b["val_precision_at_1"], abs=2e-3)
+        assert a["samples_per_s"] > 0
+
+
+def test_devices_spawns_ranks_with_local_mining(tmp_path, data_dir):
+    res = run_cli([*SAME, "trainer.devices=2", "trainer.mining=local"], cwd=tmp_path,
+                  timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = only_run_folder(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["mining"] == "local"
+    assert summary["choices"]["loss"] == "triplet"  # the picked options reach the ranks
+    log = (run_dir / "dmlrun.log").read_text()
+    assert "starting 2 processes" in log and "mining local" in log
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
+
+
+@pytest.mark.parametrize("args,exe,message", [
+    (["trainer.devices=2", "sampler.p=5"], None, "sampler.p=5 classes per batch cannot be"),
+    (["trainer.devices=3"], TORCHRUN, "trainer.devices=3 but 2 processes were started"),
+    (["-m", "seed=0,1"], TORCHRUN, "a sweep (-m) cannot run inside torchrun"),
+])
+def test_multi_process_mistakes_get_one_message(tmp_path, data_dir, args, exe, message):
+    res = run_cli([*TINY, *args], cwd=tmp_path, exe=exe, timeout=300)
+    assert res.returncode != 0
+    assert res.stderr.count(f"dmlrun: error: {message}") == 1, res.stderr[-3000:]
