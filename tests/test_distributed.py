@@ -230,3 +230,34 @@ def test_multi_process_mistakes_get_one_message(tmp_path, data_dir, args, exe, m
     res = run_cli([*TINY, *args], cwd=tmp_path, exe=exe, timeout=300)
     assert res.returncode != 0
     assert res.stderr.count(f"dmlrun: error: {message}") == 1, res.stderr[-3000:]
+
+
+def test_sigterm_stops_every_rank_and_the_run_resumes(tmp_path, data_dir):
+    """SIGTERM to ``trainer.devices=2`` reaches both ranks, which stop at the same step;
+    exit 143, no process left behind, and the run resumes to the end."""
+    import signal
+    import subprocess
+    import time
+
+    args = [*TINY, "sampler.batches_per_epoch=16", "trainer.log_every=2",
+            "evaluation.baselines=false", "trainer.epoch_plots=false", "trainer.devices=2",
+            "hydra.run.dir=run"]
+    env = {**os.environ, "DMLRUN_DATA_DIR": str(data_dir)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dmlrun", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "dmlrun.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and "epoch 1:" in log.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.count("dmlrun: error: stopped by signal 15") == 1
+    assert "trainer.resume=" in err
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps and "multiprocessing.spawn" not in ps
+    res = run_cli([*args[:-1], "trainer.resume=run"], cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert (tmp_path / "run" / "summary.json").is_file()
