@@ -34,8 +34,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg, run_dir)
     except UserError as exc:
-        if not _is_main_rank():  # rank 0 reports it; the others only exit
-            sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))
+        if not _is_main_rank():
+            fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))
         log.error("%s", exc)
         if hc.mode == RunMode.MULTIRUN:
             (run_dir / "FAILED").write_text(f"{exc}\n")
@@ -47,10 +47,30 @@ def main(cfg: DictConfig) -> float | None:
     return summary["val"][summary["monitor"]]
 
 
-def _is_main_rank() -> bool:
+def _rank() -> int:
     import os
 
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _is_main_rank() -> bool:
+    return _rank() == 0
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    """Print one error and exit. In a multi-process job, rank 0 reports; another rank
+    waits briefly first, so that when rank 0 fails too (the same config error), torchrun
+    stops the rank before it repeats the message; an error of its own is still shown."""
+    import time
+
+    from dmlrun.run import RANK_GRACE_S
+
+    if _is_main_rank():
+        print(f"dmlrun: error: {message}", file=sys.stderr)
+    else:
+        time.sleep(RANK_GRACE_S)
+        print(f"dmlrun: error (rank {_rank()}): {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 # For the processes of a torchrun job other than rank 0: Hydra creates no folder (the
@@ -102,11 +122,9 @@ def entry() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if {"-m", "--multirun"} & set(sys.argv[1:]):
-            if _is_main_rank():
-                print("dmlrun: error: a sweep (-m) cannot run inside torchrun; launch one "
-                      "torchrun per job, or sweep with hydra/launcher=slurm and "
-                      "hydra.launcher.tasks_per_node=<processes>", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            fail("a sweep (-m) cannot run inside torchrun; launch one torchrun per job, or "
+                 "sweep with hydra/launcher=slurm and hydra.launcher.tasks_per_node="
+                 "<processes>")
         if not _is_main_rank():
             sys.argv += QUIET_RANK_OVERRIDES
     if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full traces
@@ -118,12 +136,8 @@ def entry() -> None:
     except (ConfigCompositionException, MissingConfigException,
             OverrideParseException) as exc:
         message = str(exc).split("\nConfig search path:")[0].strip()
-        if not _is_main_rank():
-            sys.exit(EXIT_USER_ERROR)
         hint = closest_name(message)
-        print(f"dmlrun: error: {message}" + (f"\nDid you mean {hint}?" if hint else ""),
-              file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        fail(message + (f"\nDid you mean {hint}?" if hint else ""))
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:
             raise

@@ -44,6 +44,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun or SLURM: join a process group
 
     @property
     def main(self) -> bool:
@@ -72,16 +73,17 @@ def _slurm_to_torch_env() -> None:
 def from_env() -> Ranks:
     """The ranks torchrun or SLURM describe in the environment; ``Ranks()`` when alone."""
     _slurm_to_torch_env()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Ranks()
-    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                 int(os.environ.get("LOCAL_RANK", "0")), launched=True)
 
 
 def init(ranks: Ranks, device: torch.device) -> torch.device:
     """Join the process group (nccl on CUDA, gloo on the CPU) and return this rank's
-    device (``cuda:<local_rank>`` on CUDA)."""
-    if ranks.world == 1 or (dist.is_available() and dist.is_initialized()):
+    device (``cuda:<local_rank>`` on CUDA). A job of one process started by torchrun
+    joins a group of one, so it trains through the same DistributedDataParallel path."""
+    if not ranks.launched or (dist.is_available() and dist.is_initialized()):
         return device
     if device.type == "cuda":
         if ranks.local_rank >= torch.cuda.device_count():

@@ -44,6 +44,7 @@ log = logging.getLogger("dmlrun")
 COLLAPSE_RATIO = 0.01  # class distances this small a fraction of the start: collapsed
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's
+RANK_GRACE_S = 3.0  # another rank waits this long before reporting its own error
 
 
 def _guard_run_dir(run_dir: Path) -> None:
@@ -244,8 +245,9 @@ def _rank_main(config: dict, run_dir: str, choices: dict, errors: Any) -> None:
         run(OmegaConf.create(config), run_dir)
     except UserError as exc:
         code = getattr(exc, "exit_code", 2)
-        if main:
-            errors.put((code, str(exc)))
+        if not main:  # when rank 0 fails alike, its message comes first (see cli.fail)
+            time.sleep(RANK_GRACE_S)
+        errors.put((code, str(exc) if main else f"(rank {os.environ['RANK']}) {exc}"))
         sys.exit(code)
 
 
@@ -287,7 +289,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
         raise ConfigError(f"trainer.devices={wanted} but {ranks.world} processes were "
                           f"started; set trainer.devices=auto or {ranks.world}")
     device = resolve_device(str(cfg.trainer.device))
-    opened = ranks.world > 1 and not distributed.world()[1] > 1
+    opened = ranks.launched and not torch.distributed.is_initialized()
     device = distributed.init(ranks, device)
     quiet = logging.getLogger("dmlrun").level if not ranks.main else None
     if not ranks.main:  # rank 0 speaks for the run
@@ -371,9 +373,10 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
     log.info("run folder: %s", run_dir.resolve())
     log.info("device %s, amp %s; %s", device, amp_dtype, " ".join(f"{k}={v}" for k, v in
                                                                names.items()))
-    if ranks.world > 1:
-        log.info("%d processes (%s), each with %d of the %d images per batch; mining %s",
-                 ranks.world, "nccl" if device.type == "cuda" else "gloo",
+    backend = torch.distributed.get_backend() if ranks.launched else None
+    if ranks.launched:
+        log.info("%d process%s (%s), each with %d of the %d images per batch; mining %s",
+                 ranks.world, "es" if ranks.world > 1 else "", backend,
                  parts.sampler.batch_size // ranks.world, parts.sampler.batch_size, mining)
 
     data = build(cfg.dataset, f"dataset={names['dataset']}", seed=int(cfg.seed)).to(device)
@@ -545,7 +548,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
         log.info("resuming %s after epoch %d (best epoch %d)", run_dir, start_epoch - 1,
                  best["epoch"])
     train_model = model
-    if ranks.world > 1:  # averages gradients over ranks during backward
+    if ranks.launched:  # averages gradients over ranks during backward
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     history = done + fit(train_model, loss_fn, parts.miner, optimizer, scheduler, next_epoch,
@@ -609,7 +612,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
         "processes": ranks.world,
-        **({"mining": mining} if ranks.world > 1 else {}),
+        **({"backend": backend, "mining": mining} if ranks.launched else {}),
         "versions": versions(),
     }
     with open(run_dir / "summary.json", "w") as f:
