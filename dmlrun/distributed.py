@@ -109,6 +109,8 @@ def _child(rank: int, world_size: int, port: int, target: Callable[..., Any],
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores, as torchrun does
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
     target(*args, errors)
 
 

@@ -59,3 +59,21 @@ def test_cli_trains_on_cuda_with_amp(tmp_path, data_dir):
     assert summary["device"] == torch.cuda.get_device_name()
     assert summary["test"]["precision_at_1"] > 0.3
     assert (run_dir / "plots" / "embedding.png").stat().st_size > 0
+
+
+def test_torchrun_on_one_gpu_uses_nccl(tmp_path, data_dir):
+    """torchrun with one process per GPU: a process group on nccl, DDP on cuda:<local rank>;
+    one run folder written by rank 0."""
+    import sys
+
+    n = torch.cuda.device_count()
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("trainer.device")]
+    exe = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={n}", "-m", "dmlrun"]
+    res = run_cli(args + ["trainer.device=cuda", f"sampler.p={n * max(1, 10 // n)}",
+                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, exe=exe, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["backend"] == "nccl" and summary["processes"] == n
+    assert summary["test"]["precision_at_1"] > 0.3
