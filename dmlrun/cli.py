@@ -50,7 +50,10 @@ def main(cfg: DictConfig) -> float | None:
 def _rank() -> int:
     import os
 
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    for key in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):  # torchrun, SLURM, local
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
 
 
 def _is_main_rank() -> bool:

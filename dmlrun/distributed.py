@@ -51,28 +51,32 @@ class Ranks:
         return self.rank == 0
 
 
-def _slurm_to_torch_env() -> None:
-    """Inside a job of the submitit launcher (``hydra/launcher=slurm``) with several tasks
-    (``hydra.launcher.tasks_per_node``), export the torch.distributed variables from
-    SLURM's with submitit. A bare SLURM step of several tasks is refused: each task would
-    train alone."""
-    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    if "RANK" in os.environ or tasks <= 1 or "SLURM_PROCID" not in os.environ:
+def _scheduler_to_torch_env() -> None:
+    """Inside a submitit job (``hydra/launcher=slurm`` or ``submitit_local``) with several
+    tasks (``hydra.launcher.tasks_per_node``), export torch.distributed's variables from
+    the job's, with submitit. A bare SLURM step of several tasks is refused: each task
+    would train alone."""
+    if "RANK" in os.environ:
         return
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+    if os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks > 1:
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if tasks > 1 and "SLURM_PROCID" in os.environ:
         raise ConfigError(
             f"this SLURM step runs {tasks} tasks but none of torch.distributed's variables "
             "(RANK, WORLD_SIZE, MASTER_ADDR, ...) are set, so each would train alone; start "
             "dmlrun through torchrun (one task per node), or sweep with "
             "hydra/launcher=slurm hydra.launcher.tasks_per_node=<processes>")
-    from submitit.helpers import TorchDistributedEnvironment
-
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def from_env() -> Ranks:
     """The ranks torchrun or SLURM describe in the environment; ``Ranks()`` when alone."""
-    _slurm_to_torch_env()
+    _scheduler_to_torch_env()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Ranks()
     return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),

@@ -56,19 +56,33 @@ def shards():
     return idx[idx % 8 < 5], idx[idx % 8 >= 5]
 
 
-def worker(rank, size, init_file, loss_name, mode, out_file):
+CASES = [("triplet", "global"), ("contrastive", "global"), ("triplet", "local")]
+
+
+def worker(rank, size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=size)
     try:
         torch.set_num_threads(1)
         x, y = batch()
         mine = shards()[rank]
-        net = torch.nn.parallel.DistributedDataParallel(model())
-        loss, params = step(net, make_loss(loss_name), x[mine], y[mine], mode == "global")
-        if rank == 0:
-            torch.save({"loss": loss, "params": params}, out_file)
+        for loss_name, mode in CASES:
+            net = torch.nn.parallel.DistributedDataParallel(model())
+            loss, params = step(net, make_loss(loss_name), x[mine], y[mine],
+                                mode == "global")
+            if rank == 0:
+                torch.save({"loss": loss, "params": params},
+                           f"{out_dir}/{loss_name}-{mode}.pt")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_steps(tmp_path_factory):
+    """One 2-process gloo job that takes one step for every case; rank 0's results."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2)
+    return out
 
 
 def reference(loss_name, mode):
@@ -90,12 +104,9 @@ def reference(loss_name, mode):
     return losses[0].detach(), [p.detach().clone() for p in net.parameters()]
 
 
-@pytest.mark.parametrize("loss_name,mode", [("triplet", "global"), ("contrastive", "global"),
-                                            ("triplet", "local")])
-def test_two_ranks_match_one_process(tmp_path, loss_name, mode):
-    out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), loss_name, mode, str(out)), nprocs=2)
-    got = torch.load(out)
+@pytest.mark.parametrize("loss_name,mode", CASES)
+def test_two_ranks_match_one_process(two_rank_steps, loss_name, mode):
+    got = torch.load(two_rank_steps / f"{loss_name}-{mode}.pt")
     ref_loss, ref_params = reference(loss_name, mode)
     torch.testing.assert_close(got["loss"], ref_loss, rtol=1e-5, atol=1e-5)
     for a, b in zip(got["params"], ref_params, strict=True):
@@ -151,7 +162,7 @@ def private_env(monkeypatch):
 
 def test_slurm_tasks_of_the_submitit_launcher_become_ranks(private_env):
     private_env.update(SLURM, SUBMITIT_EXECUTOR="slurm")
-    assert distributed.from_env() == Ranks(rank=3, world=4, local_rank=1)
+    assert distributed.from_env() == Ranks(rank=3, world=4, local_rank=1, launched=True)
     assert private_env["MASTER_ADDR"] == "gpu07" and int(private_env["MASTER_PORT"]) > 0
 
 
@@ -232,6 +243,7 @@ def test_multi_process_mistakes_get_one_message(tmp_path, data_dir, args, exe, m
     assert res.stderr.count(f"dmlrun: error: {message}") == 1, res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_and_the_run_resumes(tmp_path, data_dir):
     """SIGTERM to ``trainer.devices=2`` reaches both ranks, which stop at the same step;
     exit 143, no process left behind, and the run resumes to the end."""

@@ -23,10 +23,16 @@ def test_joblib_launcher_runs_jobs_in_parallel(tmp_path, data_dir):
 
 
 def test_submitit_local_executor_and_slurm_preset(tmp_path, data_dir):
-    res = run_cli(["-m", *QUICK, "hydra/launcher=submitit_local", "seed=0,1",
+    """Two jobs of two tasks each: every job trains as one 2-process group (ranks from
+    submitit's job environment) and writes its one folder."""
+    res = run_cli(["-m", *QUICK, "hydra/launcher=submitit_local",
+                   "hydra.launcher.tasks_per_node=2", "seed=0,1",
                    f"paths.multirun_dir={tmp_path}/m"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(s["seed"] for s in summaries(tmp_path / "m")) == [0, 1]
+    runs = summaries(tmp_path / "m")
+    assert sorted(s["seed"] for s in runs) == [0, 1]
+    assert all(s["processes"] == 2 and s["backend"] == "gloo" for s in runs)
+    assert len(list((tmp_path / "m").glob("*/*/*_*"))) == 2
     res = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"],
                   cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
