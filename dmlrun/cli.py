@@ -66,7 +66,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     stops the rank before it repeats the message; an error of its own is still shown."""
     import time
 
-    from dmlrun.run import RANK_GRACE_S
+    from dmlrun.errors import RANK_GRACE_S
 
     if _is_main_rank():
         print(f"dmlrun: error: {message}", file=sys.stderr)

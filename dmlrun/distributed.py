@@ -249,43 +249,17 @@ class _AllGather(torch.autograd.Function):
         return grad[start:start + ctx.rows]
 
 
-def gather_with_grad(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
-    """(B_r, ...) on every rank -> (sum of B_r, ...) in rank order; gradients flow back to
-    each rank's own slice. Ranks may hold different B_r unless ``same_size`` (which saves
-    a collective and a host sync)."""
-    rank, size = world()
-    if size == 1:
-        return x
-    if same_size:
-        return _AllGather.apply(x)
-    sizes = gather_sizes(x.shape[0], x.device)
-    pad = max(sizes) - x.shape[0]  # all_gather needs equal shapes
-    padded = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
-    full = _AllGather.apply(padded)
-    rows = max(sizes)
-    return torch.cat([full[r * rows:r * rows + n] for r, n in enumerate(sizes)])
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) on every rank -> (world * n, ...) in rank order; gradients flow back to
+    each rank's own slice. Every rank holds the same n (``shard`` cuts equal slices)."""
+    return x if world()[1] == 1 else _AllGather.apply(x)
 
 
-def gather_sizes(n: int, device: torch.device) -> list[int]:
-    """Every rank's local batch size."""
+def gather_labels(y: torch.Tensor) -> torch.Tensor:
+    """(n,) labels from every rank, no gradient, in rank order."""
     _, size = world()
-    mine = torch.tensor([n], device=device)
-    out = [torch.zeros_like(mine) for _ in range(size)]
-    dist.all_gather(out, mine)
-    return [int(t) for t in out]
-
-
-def gather_labels(y: torch.Tensor, same_size: bool = False) -> torch.Tensor:
-    """(B_r,) labels from every rank, no gradient, in rank order."""
-    rank, size = world()
     if size == 1:
         return y
-    if same_size:
-        out = [torch.empty_like(y) for _ in range(size)]
-        dist.all_gather(out, y)
-        return torch.cat(out)
-    sizes = gather_sizes(y.shape[0], y.device)
-    padded = torch.cat([y, y.new_zeros(max(sizes) - len(y))])
-    out = [torch.zeros_like(padded) for _ in range(size)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)])
+    out = [torch.empty_like(y) for _ in range(size)]
+    dist.all_gather(out, y)
+    return torch.cat(out)

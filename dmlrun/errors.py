@@ -1,5 +1,9 @@
 """Errors a user can cause. The CLI turns them into one message and a non-zero exit."""
 
+# In a multi-process job, a rank other than 0 waits this long before reporting its error,
+# so that when rank 0 fails alike its message comes first and the launcher stops the rest.
+RANK_GRACE_S = 3.0
+
 
 class UserError(Exception):
     """A problem with the user's config, data or files, explained in the message."""

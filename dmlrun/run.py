@@ -33,7 +33,7 @@ from dmlrun.config import RUN_MARKERS
 from dmlrun.data.dataset import Split
 from dmlrun.data.samplers import Epoch
 from dmlrun.distributed import Ranks
-from dmlrun.errors import ConfigError, Interrupted, UserError
+from dmlrun.errors import RANK_GRACE_S, ConfigError, Interrupted, UserError
 from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
 from dmlrun.losses import TripletLoss
 from dmlrun.semi import SemiSupervision, pick_labeled
@@ -44,7 +44,6 @@ log = logging.getLogger("dmlrun")
 COLLAPSE_RATIO = 0.01  # class distances this small a fraction of the start: collapsed
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's
-RANK_GRACE_S = 3.0  # another rank waits this long before reporting its own error
 
 
 def _guard_run_dir(run_dir: Path) -> None:
@@ -291,7 +290,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     device = resolve_device(str(cfg.trainer.device))
     opened = ranks.launched and not torch.distributed.is_initialized()
     device = distributed.init(ranks, device)
-    quiet = logging.getLogger("dmlrun").level if not ranks.main else None
+    level = logging.getLogger("dmlrun").level  # restored at the end
     if not ranks.main:  # rank 0 speaks for the run
         logging.getLogger("dmlrun").setLevel(logging.ERROR)
     handler = restore = None
@@ -313,8 +312,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        if quiet is not None:
-            logging.getLogger("dmlrun").setLevel(quiet)
+        logging.getLogger("dmlrun").setLevel(level)
         if opened:
             distributed.close()
 

@@ -46,6 +46,16 @@ class StepConfig:
     world: int = 1
     mining: str = "global"
 
+    @property
+    def gathers(self) -> bool:
+        """Mining sees every rank's embeddings (the global batch)."""
+        return self.world > 1 and self.mining == "global"
+
+    @property
+    def per_rank(self) -> bool:
+        """Each rank mines its own slice, so step values differ by rank (averaged)."""
+        return self.world > 1 and self.mining == "local"
+
 
 STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance")
 NO_MINING_STEPS = 50  # consecutive steps with nothing mined before a warning
@@ -78,10 +88,9 @@ def _stop_signal(step_cfg: StepConfig, step: int, device: torch.device) -> int:
 def _global_batch(emb: torch.Tensor, labels: torch.Tensor, step_cfg: StepConfig
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's embeddings and labels, in batch order, when mining globally."""
-    if step_cfg.world == 1 or step_cfg.mining == "local":
+    if not step_cfg.gathers:
         return emb, labels
-    return distributed.gather_with_grad(emb, same_size=True), \
-        distributed.gather_labels(labels, same_size=True)
+    return distributed.gather_with_grad(emb), distributed.gather_labels(labels)
 
 
 def _finite_step(loss: torch.Tensor, *modules: nn.Module) -> bool:
@@ -178,7 +187,7 @@ def train_epoch(
         if (step + 1) % step_cfg.log_every == 0 or step + 1 == len(epoch):
             window = steps[: step + 1][applied[: step + 1]]
             means = window.mean(0)
-            if step_cfg.world > 1 and step_cfg.mining == "local":
+            if step_cfg.per_rank:
                 means = distributed.all_reduce(means, "mean")
             loss_so_far, tuples, _, n, pos_d, neg_d = means.tolist()
             if not math.isfinite(loss_so_far):
@@ -198,7 +207,7 @@ def train_epoch(
                             mined=f"{n:.0f}" if miner is not None else "-",
                             d_pos=f"{pos_d:.3g}", d_neg=f"{neg_d:.3g}")
     seconds = time.perf_counter() - t0
-    if step_cfg.world > 1 and step_cfg.mining == "local":
+    if step_cfg.per_rank:
         steps = distributed.all_reduce(steps, "mean")  # rank means; "applied" agrees (DDP)
     applied = applied.cpu()
     steps = steps.cpu()[applied]
