@@ -57,19 +57,35 @@ class StepConfig:
         return self.world > 1 and self.mining == "local"
 
 
-STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance")
+STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance",
+               "inverted")
 NO_MINING_STEPS = 50  # consecutive steps with nothing mined before a warning
 
 
-def batch_distances(
-    loss_fn: MetricLoss, emb: torch.Tensor, labels: torch.Tensor
+def batch_diagnostics(
+    loss_fn: MetricLoss, emb: torch.Tensor, labels: torch.Tensor,
+    indices: tuple[torch.Tensor, ...] | None,
 ) -> torch.Tensor:
-    """Mean positive-pair and negative-pair distance of a (B, D) batch, as a (2,) tensor."""
+    """(3,) tensor: mean positive-pair and negative-pair distance of a (B, D) batch, and
+    the inverted fraction: of the step's triplets, those whose negative is closer than
+    the positive (batch-hard: anchors whose hardest positive is farther than their
+    hardest negative). Without triplets, the same over each anchor's hardest pairs in
+    the batch. When most triplets are inverted, the triplet hinge can fall to exactly
+    its margin by shrinking every embedding to one point: the collapse of batch-hard."""
     with torch.no_grad():
         d = loss_fn.distance.pairwise(emb, emb)
         pos, neg = label_masks(labels)
-        return torch.stack([(d * pos).sum() / pos.sum().clamp_min(1),
-                            (d * neg).sum() / neg.sum().clamp_min(1)])
+        means = [(d * pos).sum() / pos.sum().clamp_min(1),
+                 (d * neg).sum() / neg.sum().clamp_min(1)]
+        if indices is not None and len(indices) == 3:
+            a, p, n = indices
+            inverted = (d[a, n] < d[a, p]).float().sum() / max(len(a), 1)
+        else:
+            anchors = pos.any(1) & neg.any(1)
+            far_pos = d.masked_fill(~pos, float("-inf")).amax(1)
+            near_neg = d.masked_fill(~neg, float("inf")).amin(1)
+            inverted = ((far_pos > near_neg) & anchors).float().sum() / anchors.sum().clamp_min(1)
+        return torch.stack([*means, inverted])
 
 
 def _stop_signal(step_cfg: StepConfig, step: int, device: torch.device) -> int:
@@ -183,13 +199,13 @@ def train_epoch(
         optimizer.step()
         steps[step] = torch.cat([torch.stack([out.loss.detach(), out.tuples, out.active,
                                               n_mined]).float(),
-                                 batch_distances(loss_fn, emb.detach(), labels)])
+                                 batch_diagnostics(loss_fn, emb.detach(), labels, indices)])
         if (step + 1) % step_cfg.log_every == 0 or step + 1 == len(epoch):
             window = steps[: step + 1][applied[: step + 1]]
             means = window.mean(0)
             if step_cfg.per_rank:
                 means = distributed.all_reduce(means, "mean")
-            loss_so_far, tuples, _, n, pos_d, neg_d = means.tolist()
+            loss_so_far, tuples, _, n, pos_d, neg_d, inverted = means.tolist()
             if not math.isfinite(loss_so_far):
                 raise NonFiniteLoss(
                     f"training loss became non-finite by step {step + 1} of {desc}; lower the "
@@ -205,7 +221,8 @@ def train_epoch(
                     "miner=none", desc, streak)
             bar.set_postfix(loss=f"{loss_so_far:.4g}", tuples=f"{tuples:.0f}",
                             mined=f"{n:.0f}" if miner is not None else "-",
-                            d_pos=f"{pos_d:.3g}", d_neg=f"{neg_d:.3g}")
+                            d_pos=f"{pos_d:.3g}", d_neg=f"{neg_d:.3g}",
+                            inverted=f"{inverted:.2f}")
     seconds = time.perf_counter() - t0
     if step_cfg.per_rank:
         steps = distributed.all_reduce(steps, "mean")  # rank means; "applied" agrees (DDP)
@@ -214,7 +231,7 @@ def train_epoch(
     if len(steps) == 0:
         raise NonFiniteLoss(f"every step of {desc} had a non-finite loss or gradient and was "
                             "skipped; lower the learning rate (optimizer.lr) or check the data")
-    loss, tuples, active, mined, pos_d, neg_d = steps.mean(0).tolist()
+    loss, tuples, active, mined, pos_d, neg_d, inverted = steps.mean(0).tolist()
     n_images = epoch.indices.numel() * step_cfg.world
     return {
         "train_loss": loss,
@@ -225,6 +242,7 @@ def train_epoch(
         "no_mining_steps": int((steps[:, 3] == 0).sum()) if miner is not None else 0,
         "pos_distance": pos_d,
         "neg_distance": neg_d,
+        "inverted_fraction": inverted,
         "first_neg_distance": float(steps[0, 5]),
         "skipped_steps": int((~applied).sum()),
         "train_seconds": seconds,

@@ -143,3 +143,67 @@ def test_triplet_matches_pytorch_metric_learning(reduction):
     torch.testing.assert_close(ours(emb, labels, hard), ref_loss(emb, labels, ref_hard),
                                atol=1e-5, rtol=1e-5)
 
+
+
+def push_reference(emb, labels, margin):
+    """Loop reference of ``inverted="push"``: the plain hinge, but max(0, margin - D(a, n))
+    on triplets whose negative is closer than the positive."""
+    terms = []
+    for a, p, n in itertools.product(range(len(labels)), repeat=3):
+        if a != p and labels[a] == labels[p] and labels[a] != labels[n]:
+            d_ap, d_an = (emb[a] - emb[p]).norm(), (emb[a] - emb[n]).norm()
+            terms.append(_push_term(d_ap, d_an, margin))
+    return torch.stack(terms).mean()
+
+
+def _push_term(d_ap, d_an, margin):
+    if d_an < d_ap:
+        return torch.clamp(margin - d_an, min=0)
+    return torch.clamp(d_ap - d_an + margin, min=0)
+
+
+def test_triplet_push_matches_loop_in_value_and_gradient():
+    emb, labels = batch(n=12, d=2)
+    loss = TripletLoss(margin=0.5, inverted="push")
+    got = loss(emb, labels)
+    grad = torch.autograd.grad(got, emb)[0]
+    ref = push_reference(emb, labels, 0.5)
+    ref_grad = torch.autograd.grad(ref, emb)[0]
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    # not the plain hinge: the batch has inverted triplets
+    assert got < TripletLoss(margin=0.5)(emb, labels)
+    # mined triplets take the same path
+    mined = HardMiner()(emb, labels).indices
+    a, p, n = mined
+    assert ((emb[a] - emb[n]).norm(dim=1) < (emb[a] - emb[p]).norm(dim=1)).any()
+    got_mined = loss(emb, labels, mined)
+    ref_mined = _mined_push(emb, mined, 0.5)
+    torch.testing.assert_close(got_mined, ref_mined)
+    torch.testing.assert_close(torch.autograd.grad(got_mined, emb)[0],
+                               torch.autograd.grad(ref_mined, emb)[0])
+
+
+def _mined_push(emb, triplets, margin):
+    terms = []
+    for a, p, n in zip(*(t.tolist() for t in triplets), strict=True):
+        terms.append(_push_term((emb[a] - emb[p]).norm(), (emb[a] - emb[n]).norm(), margin))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("inverted,shrinks", [("hinge", True), ("push", False)])
+def test_inverted_triplets_reward_shrinking_only_under_the_plain_hinge(inverted, shrinks):
+    """The collapse of batch-hard: when every mined triplet is inverted, scaling all
+    embeddings by s lowers the plain hinge (d loss / d s > 0: shrink) towards the
+    margin; with ``push`` the loss only asks the negatives to move away (d / d s < 0)."""
+    margin = 2.0
+    emb = torch.tensor([[0.0, 0.0], [3.0, 0.0], [1.0, 0.5], [2.0, -0.5]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])  # every anchor's negatives are closer than its positive
+    s = torch.ones((), dtype=torch.float64, requires_grad=True)
+    loss_fn = TripletLoss(margin=margin, inverted=inverted)
+    triplets = HardMiner()(emb, labels).indices
+    loss = loss_fn(emb * s, labels, triplets)
+    if inverted == "hinge":
+        assert loss.item() > margin  # above the margin: inverted on average
+    (slope,) = torch.autograd.grad(loss, s)
+    assert (slope.item() > 0) == shrinks

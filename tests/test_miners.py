@@ -145,3 +145,78 @@ def test_semihard_blocks_give_the_same_triplets():
     small = SemiHardMiner(margin=0.5)
     small.max_grid = 40 * 40 * 3  # three anchors per block
     assert as_set(small(emb, labels).indices) == as_set(whole)
+
+
+def loop_pool_mining(emb, labels, per_class):
+    """{anchor: (hardest positive, hardest negative)} within pools of ``per_class``
+    images per class (pool = position among the class's items // per_class)."""
+    seen: dict[int, int] = {}
+    pool = []
+    for lab in labels.tolist():
+        pool.append(seen.get(lab, 0) // per_class)
+        seen[lab] = seen.get(lab, 0) + 1
+    picks = {}
+    for a in range(len(labels)):
+        d = (emb - emb[a]).norm(dim=1)
+        mates = [j for j in range(len(labels)) if pool[j] == pool[a] and j != a]
+        pos = [j for j in mates if labels[j] == labels[a]]
+        neg = [j for j in mates if labels[j] != labels[a]]
+        if pos and neg:
+            picks[a] = (max(pos, key=lambda j: d[j]), min(neg, key=lambda j: d[j]))
+    return picks
+
+
+def pk_batch(seed=3, classes=4, k=6, dim=2):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat(k)[torch.randperm(classes * k, generator=g)]
+    return torch.randn(classes * k, dim, generator=g), labels
+
+
+def test_hard_miner_pools_match_loop():
+    emb, labels = pk_batch()
+    expected = {(a, p, n) for a, (p, n) in loop_pool_mining(emb, labels, 2).items()}
+    res = HardMiner(pool_k=2)(emb, labels)
+    assert as_set(res.indices) == expected
+    assert as_set(res.indices) != as_set(HardMiner()(emb, labels).indices)
+    with pytest.raises(ValueError, match="pool_k"):
+        HardMiner(pool_k=1)
+    with pytest.raises(ValueError, match="set pool_k"):
+        HardMiner(grow=True)
+
+
+def loop_grow(emb, labels, pool_k, max_inverted):
+    """The largest pool in the chain pool_k, 2 pool_k, ... (until one covers the batch)
+    whose hardest triplets are at most ``max_inverted`` inverted."""
+    picked = loop_pool_mining(emb, labels, pool_k)
+    size = 2 * pool_k
+    while size < 2 * len(labels):
+        larger = loop_pool_mining(emb, labels, size)
+        inverted = [(emb[a] - emb[n]).norm() < (emb[a] - emb[p]).norm()
+                    for a, (p, n) in larger.items()]
+        if sum(inverted) / len(inverted) > max_inverted:
+            break
+        picked, size = larger, 2 * size
+    return {(a, p, n) for a, (p, n) in picked.items()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_inverted", [0.3, 0.6])
+@pytest.mark.parametrize("spread", [1.0, 1.2, 1.5])
+def test_growing_pools_match_loop(seed, max_inverted, spread):
+    # overlapping clusters: across these cases the chosen pools hold 2, 4, 8 and all 9
+    # images per class
+    emb, labels = pk_batch(seed, classes=4, k=9)
+    emb = emb * spread + torch.tensor([[4.0, 0], [0, 4.0], [-4.0, 0], [0, -4.0]])[labels]
+    got = as_set(HardMiner(pool_k=2, grow=True, max_inverted=max_inverted)(emb, labels).indices)
+    assert got == loop_grow(emb, labels, 2, max_inverted)
+
+
+def test_growing_pools_reach_the_whole_batch_when_classes_separate():
+    emb, labels = pk_batch(0, classes=4, k=9)
+    emb = emb * 0.1 + 10 * torch.eye(4)[labels][:, :2] - 10 * torch.eye(4)[labels][:, 2:4]
+    whole = as_set(HardMiner()(emb, labels).indices)
+    assert as_set(HardMiner(pool_k=2, grow=True)(emb, labels).indices) == whole
+    # an untrained-like batch (no structure) stays in the smallest pools
+    noise, _ = pk_batch(1, classes=4, k=9)
+    small = {(a, p, n) for a, (p, n) in loop_pool_mining(noise, labels, 2).items()}
+    assert as_set(HardMiner(pool_k=2, grow=True)(noise, labels).indices) == small

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import torch
+
 from dmlrun.distances import Distance
 from dmlrun.losses.base import LossOutput, MetricLoss
 from dmlrun.tuples import label_masks
 
+INVERTED = ("hinge", "push")
+
 
 class TripletLoss(MetricLoss):
     """Per triplet ``max(0, D(a, p) - D(a, n) + margin)``.
+
+    ``inverted`` says what a triplet whose negative is closer than its positive
+    (D(a, n) < D(a, p)) trains: ``"hinge"``, the plain FaceNet hinge, pulls the positive
+    in and pushes the negative away; ``"push"`` only pushes the negative out to the
+    margin, ``max(0, margin - D(a, n))``. On inverted triplets the pull is what lets the
+    hinge fall by shrinking every embedding towards one point; dropping it follows Xuan
+    et al., ECCV 2020 ("Hard negative examples are hard, but useful"), whose push on
+    normalised features is bounded by the sphere; here the margin bounds it.
 
     ``reduction="mean"`` averages over all triplets, ``"mean_active"`` over triplets
     with non-zero loss, ``"sum"`` adds them. With no indices every valid triplet of
@@ -19,20 +31,34 @@ class TripletLoss(MetricLoss):
     distance_params = ("margin",)
 
     def __init__(
-        self, distance: Distance | None = None, margin: float = 1.0, reduction: str = "mean"
+        self,
+        distance: Distance | None = None,
+        margin: float = 1.0,
+        reduction: str = "mean",
+        inverted: str = "hinge",
     ) -> None:
         super().__init__(distance, reduction)
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
+        if inverted not in INVERTED:
+            raise ValueError(f"inverted must be one of {INVERTED}, got {inverted!r}")
         self.margin = margin
+        self.inverted = inverted
+
+    def triplet_losses(self, d_ap: torch.Tensor, d_an: torch.Tensor) -> torch.Tensor:
+        """Per-triplet losses from anchor-positive and anchor-negative distances (any
+        matching shapes)."""
+        hinge = (d_ap - d_an + self.margin).clamp_min(0.0)
+        if self.inverted == "push":
+            return torch.where(d_an < d_ap, (self.margin - d_an).clamp_min(0.0), hinge)
+        return hinge
 
     def _compute(self, embeddings, labels, indices) -> LossOutput:
         dist = self.distance.pairwise(embeddings, embeddings)
         if indices is None:
             pos, neg = label_masks(labels)
             valid = pos[:, :, None] & neg[:, None, :]
-            grid = (dist[:, :, None] - dist[:, None, :] + self.margin).clamp_min(0.0)
+            grid = self.triplet_losses(dist[:, :, None], dist[:, None, :])
             return self.reduce(grid[valid], embeddings)
         a, p, n = indices
-        losses = (dist[a, p] - dist[a, n] + self.margin).clamp_min(0.0)
-        return self.reduce(losses, embeddings)
+        return self.reduce(self.triplet_losses(dist[a, p], dist[a, n]), embeddings)

@@ -10,31 +10,89 @@ from dmlrun.tuples import label_masks
 
 
 class HardMiner(Miner):
-    """For each anchor with a positive and a negative in the batch: its closest
+    """For each anchor with a positive and a negative in its mining pool: its closest
     negative and its farthest positive (``positive="hardest"``: batch-hard, Hermans et
     al. 2017) or its closest positive (``positive="easiest"``: easy-positive hard-negative,
     Xuan et al. 2020). Pair losses use each triplet's two pairs.
 
-    Batch-hard with the triplet loss can collapse all embeddings to one point from a
-    random start (loss stuck at the margin), notably in 2-D; easy-positive mining avoids it.
+    Mining pools: the first ``pool_k`` images of every class in the batch form one pool,
+    the next ``pool_k`` the next, and so on; an anchor's positive and negative come from
+    its own pool (``pool_k=None``: the whole batch is one pool). A P x K batch with
+    ``pool_k=2`` is K / 2 batch-hard problems of P x 2 images, the small pool Hermans et
+    al. start from on hard data, computed in one large batch.
+
+    ``grow=True`` starts each step from pools of ``pool_k`` and takes the largest of
+    ``pool_k``, ``2 pool_k``, ``4 pool_k``, ... and the whole batch in which at most
+    ``max_inverted`` of the anchors' hardest negatives are closer than their hardest
+    positive. Batch-hard from a random start with every triplet inverted is what lets the
+    triplet loss fall to its margin by shrinking all embeddings to one point; small
+    pools avoid that, and the pools grow as the embedding learns.
     """
 
-    def __init__(self, distance: Distance | None = None, positive: str = "hardest") -> None:
+    def __init__(
+        self,
+        distance: Distance | None = None,
+        positive: str = "hardest",
+        pool_k: int | None = None,
+        grow: bool = False,
+        max_inverted: float = 0.5,
+    ) -> None:
         super().__init__(distance)
         if positive not in ("hardest", "easiest"):
             raise ValueError(f"positive must be 'hardest' or 'easiest', got {positive!r}")
+        if pool_k is not None and pool_k < 2:
+            raise ValueError(f"pool_k must be >= 2 (a pool needs a positive pair), got {pool_k}")
+        if grow and pool_k is None:
+            raise ValueError("grow=True grows pools from pool_k; set pool_k (e.g. 2)")
+        if not 0.0 <= max_inverted <= 1.0:
+            raise ValueError(f"max_inverted must be in [0, 1], got {max_inverted}")
         self.positive = positive
+        self.pool_k = pool_k
+        self.grow = grow
+        self.max_inverted = max_inverted
 
     def mine(self, embeddings, labels):
         dist = self.distance.pairwise(embeddings, embeddings)
-        pos, neg = label_masks(labels)
+        masks = label_masks(labels)
+        if self.pool_k is None:
+            p, n, ok = self._pick(dist, *masks)
+        else:
+            rank = class_rank(labels)
+            p, n, ok = self._pick(dist, *_in_pools(*masks, rank, self.pool_k))
+        if self.grow:  # on the device, no host sync: each larger pool replaces the last
+            grows = torch.ones((), dtype=torch.bool, device=dist.device)
+            size = 2 * self.pool_k
+            while size < 2 * len(labels):
+                bp, bn, bok = self._pick(dist, *_in_pools(*masks, rank, size))
+                inverted = ((dist.gather(1, bn[:, None]) < dist.gather(1, bp[:, None]))
+                            .flatten() & bok).sum() / bok.sum().clamp_min(1)
+                grows = grows & (inverted <= self.max_inverted)
+                p, n, ok = (torch.where(grows, new, old) for new, old in
+                            ((bp, p), (bn, n), (bok, ok)))
+                size *= 2
+        a = torch.nonzero(ok).flatten()
+        return a, p[a], n[a]
+
+    def _pick(self, dist, pos, neg):
+        """(B,) positive and negative picked for each anchor, and which anchors have both."""
         if self.positive == "hardest":
             pick_pos = dist.masked_fill(~pos, float("-inf")).argmax(1)
         else:
             pick_pos = dist.masked_fill(~pos, float("inf")).argmin(1)
         hardest_neg = dist.masked_fill(~neg, float("inf")).argmin(1)
-        a = torch.nonzero(pos.any(1) & neg.any(1)).flatten()
-        return a, pick_pos[a], hardest_neg[a]
+        return pick_pos, hardest_neg, pos.any(1) & neg.any(1)
+
+
+def class_rank(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) position of each item among the batch's items of its class (0, 1, ...)."""
+    same = labels[:, None] == labels[None, :]
+    return (same & torch.ones_like(same).tril(-1)).sum(1)
+
+
+def _in_pools(pos, neg, rank, per_class):
+    pool = rank // per_class
+    same_pool = pool[:, None] == pool[None, :]
+    return pos & same_pool, neg & same_pool
 
 
 class SemiHardMiner(Miner):
