@@ -111,9 +111,12 @@ def epoch_frames(
     return paths
 
 
-def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str]) -> Path:
+def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str],
+           steps: Sequence[dict] = ()) -> Path:
     """Train loss, validation metrics and mining diagnostics (mean positive / negative
-    distance in the batch, fraction of tuples with non-zero loss) per epoch."""
+    distance in the batch, fraction of tuples with non-zero loss) per epoch; with
+    ``steps`` (rows of steps.jsonl), the inverted fraction of every step, placed at
+    epoch - 1 + step / steps in that epoch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     epochs = [h["epoch"] for h in history]
@@ -138,6 +141,13 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str]) ->
         ax_frac = ax_mine.twinx()
         ax_frac.plot(epochs, [h["active_fraction"] for h in history], "k--", marker="x",
                      label="active tuples")
+        if steps and "inverted" in steps[0]:
+            per_epoch: dict[int, int] = {}
+            for row in steps:
+                per_epoch[row["epoch"]] = max(per_epoch.get(row["epoch"], 0), row["step"])
+            ax_frac.plot([r["epoch"] - 1 + r["step"] / per_epoch[r["epoch"]] for r in steps],
+                         [r["inverted"] for r in steps], color="tab:red", lw=0.6, alpha=0.6,
+                         label="inverted (neg. closer than pos.), per step")
         ax_frac.set_ylabel("fraction of tuples with loss > 0")
         ax_frac.set_ylim(0, 1.05)
         lines = ax_mine.get_legend_handles_labels()

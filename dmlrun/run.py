@@ -479,8 +479,9 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
         if record["neg_distance"] < COLLAPSE_RATIO * reference:
             log.warning(
                 "epoch %d: the embeddings have collapsed: the mean distance between classes "
-                "is %.3g, %.2g%% of the untrained network's %.3g. Lower optimizer.lr, or "
-                "use a miner with easier positives (miner=easy_hard or miner=semihard).",
+                "is %.3g, %.2g%% of the untrained network's %.3g. Lower optimizer.lr, mine "
+                "in small, growing pools (miner.pool_k=2 miner.grow=true) or use "
+                "miner=semihard.",
                 record["epoch"], record["neg_distance"],
                 100 * record["neg_distance"] / reference, reference)
         margin = getattr(loss_fn, "margin", None)
@@ -488,9 +489,12 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
                 abs(record["train_loss"] - margin) < 0.01 * margin:
             log.warning(
                 "epoch %d: the loss is stuck at the margin (%.4g) with every tuple active: the "
-                "embeddings have likely collapsed to one point. Batch-hard triplet mining does "
-                "this from a random start; try miner=easy_hard or miner=semihard, or a lower "
-                "optimizer.lr.", record["epoch"], margin)
+                "embeddings have likely collapsed to one point (%.0f%% of the mined triplets "
+                "have their negative closer than their positive). Batch-hard mining over a "
+                "whole batch does this from a random start; mine in small, growing pools "
+                "(miner.pool_k=2 miner.grow=true, the default of loss=triplet miner=hard), or "
+                "use miner=semihard.", record["epoch"], margin,
+                100 * record["inverted_fraction"])
         log.info(
             "epoch %d: loss %.4g, %.0f tuples/step (%.0f%% active), val P@1 %.4f, MAP@R %.4f, "
             "%.0f samples/s, %.1fs; d(pos) %.3g, d(neg) %.3g", record["epoch"],
@@ -581,8 +585,9 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
         f"epoch {best['epoch']} - P@1 {test['precision_at_1']:.3f} MAP@R {test['map_at_r']:.3f}",
         xlabel=how,
     )
+    step_rows = [json.loads(x) for x in steps_path.read_text().splitlines() if x.strip()]
     plots.curves(history, plot_dir / "curves.png",
-                 ["precision_at_1", "map_at_r", "r_precision", "nmi"])
+                 ["precision_at_1", "map_at_r", "r_precision", "nmi"], step_rows)
     if any("pseudo_accuracy" in h for h in history):
         plots.pseudo_labels(history, plot_dir / "pseudo_labels.png")
     if frames:

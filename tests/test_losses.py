@@ -207,3 +207,15 @@ def test_inverted_triplets_reward_shrinking_only_under_the_plain_hinge(inverted,
         assert loss.item() > margin  # above the margin: inverted on average
     (slope,) = torch.autograd.grad(loss, s)
     assert (slope.item() > 0) == shrinks
+
+
+def test_soft_margin_matches_loop():
+    emb, labels = batch(n=9, d=2)
+    terms = [torch.nn.functional.softplus((emb[a] - emb[p]).norm() - (emb[a] - emb[n]).norm())
+             for a, p, n in itertools.product(range(9), repeat=3)
+             if a != p and labels[a] == labels[p] and labels[a] != labels[n]]
+    loss = TripletLoss(margin=0.0, soft=True)
+    got, ref = loss(emb, labels), torch.stack(terms).mean()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(torch.autograd.grad(got, emb)[0], torch.autograd.grad(ref, emb)[0])
+    assert loss.compute(emb, labels).active == len(terms)  # softplus is never zero

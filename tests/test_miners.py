@@ -180,8 +180,9 @@ def test_hard_miner_pools_match_loop():
     assert as_set(res.indices) != as_set(HardMiner()(emb, labels).indices)
     with pytest.raises(ValueError, match="pool_k"):
         HardMiner(pool_k=1)
-    with pytest.raises(ValueError, match="set pool_k"):
-        HardMiner(grow=True)
+    # without pools, grow has nothing to grow: plain batch-hard
+    assert as_set(HardMiner(grow=True)(emb, labels).indices) == as_set(
+        HardMiner()(emb, labels).indices)
 
 
 def loop_grow(emb, labels, pool_k, max_inverted):

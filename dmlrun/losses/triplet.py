@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dmlrun.distances import Distance
 from dmlrun.losses.base import LossOutput, MetricLoss
@@ -22,6 +23,10 @@ class TripletLoss(MetricLoss):
     et al., ECCV 2020 ("Hard negative examples are hard, but useful"), whose push on
     normalised features is bounded by the sphere; here the margin bounds it.
 
+    ``soft=True`` replaces the hinge max(0, x) by softplus(x) = log(1 + exp(x)), the soft
+    margin of Hermans et al. 2017 ("In Defense of the Triplet Loss"; margin=0 there): it
+    never reaches zero, so every triplet keeps a (shrinking) gradient.
+
     ``reduction="mean"`` averages over all triplets, ``"mean_active"`` over triplets
     with non-zero loss, ``"sum"`` adds them. With no indices every valid triplet of
     the batch is used (computed densely on the (B, B, B) grid, no index lists).
@@ -36,6 +41,7 @@ class TripletLoss(MetricLoss):
         margin: float = 1.0,
         reduction: str = "mean",
         inverted: str = "hinge",
+        soft: bool = False,
     ) -> None:
         super().__init__(distance, reduction)
         if margin < 0:
@@ -44,14 +50,16 @@ class TripletLoss(MetricLoss):
             raise ValueError(f"inverted must be one of {INVERTED}, got {inverted!r}")
         self.margin = margin
         self.inverted = inverted
+        self.soft = soft
 
     def triplet_losses(self, d_ap: torch.Tensor, d_an: torch.Tensor) -> torch.Tensor:
         """Per-triplet losses from anchor-positive and anchor-negative distances (any
         matching shapes)."""
-        hinge = (d_ap - d_an + self.margin).clamp_min(0.0)
+        hinge = F.softplus if self.soft else torch.relu
+        losses = hinge(d_ap - d_an + self.margin)
         if self.inverted == "push":
-            return torch.where(d_an < d_ap, (self.margin - d_an).clamp_min(0.0), hinge)
-        return hinge
+            return torch.where(d_an < d_ap, hinge(self.margin - d_an), losses)
+        return losses
 
     def _compute(self, embeddings, labels, indices) -> LossOutput:
         dist = self.distance.pairwise(embeddings, embeddings)

@@ -21,7 +21,7 @@ class HardMiner(Miner):
     ``pool_k=2`` is K / 2 batch-hard problems of P x 2 images, the small pool Hermans et
     al. start from on hard data, computed in one large batch.
 
-    ``grow=True`` starts each step from pools of ``pool_k`` and takes the largest of
+    ``grow=True`` (with ``pool_k`` set) starts each step from pools of ``pool_k`` and takes the largest of
     ``pool_k``, ``2 pool_k``, ``4 pool_k``, ... and the whole batch in which at most
     ``max_inverted`` of the anchors' hardest negatives are closer than their hardest
     positive. Batch-hard from a random start with every triplet inverted is what lets the
@@ -42,8 +42,6 @@ class HardMiner(Miner):
             raise ValueError(f"positive must be 'hardest' or 'easiest', got {positive!r}")
         if pool_k is not None and pool_k < 2:
             raise ValueError(f"pool_k must be >= 2 (a pool needs a positive pair), got {pool_k}")
-        if grow and pool_k is None:
-            raise ValueError("grow=True grows pools from pool_k; set pool_k (e.g. 2)")
         if not 0.0 <= max_inverted <= 1.0:
             raise ValueError(f"max_inverted must be in [0, 1], got {max_inverted}")
         self.positive = positive
@@ -59,7 +57,7 @@ class HardMiner(Miner):
         else:
             rank = class_rank(labels)
             p, n, ok = self._pick(dist, *_in_pools(*masks, rank, self.pool_k))
-        if self.grow:  # on the device, no host sync: each larger pool replaces the last
+        if self.grow and self.pool_k is not None:  # on the device, no host sync: each larger pool replaces the last
             grows = torch.ones((), dtype=torch.bool, device=dist.device)
             size = 2 * self.pool_k
             while size < 2 * len(labels):

@@ -1,0 +1,159 @@
+"""What makes `dmlrun loss=triplet miner=hard` train: each lever, measured.
+
+    python scripts/ablate_hard_mining.py                 # every arm, 2-D and 64-D, seed 0,
+                                                         # then the default over seeds 0-2
+    python scripts/ablate_hard_mining.py --arms default plain --dims 2 --seeds 0 1 2
+    python scripts/ablate_hard_mining.py --list          # the arms and what they change
+
+Each arm is a real `dmlrun loss=triplet miner=hard <overrides>` run (full MNIST, default
+epochs, P x K = 10 x 25 unless the arm says otherwise) in its own folder under --out;
+an arm whose folder already holds summary.json is read, not run again. The table (test
+P@1 / MAP@R with the best-validation checkpoint, last epoch's train loss and inverted
+fraction, collapse warnings, wall time) is printed as Markdown and written to
+<out>/ablation.md.
+
+The `pml` arm trains pytorch-metric-learning's BatchHardMiner + TripletMarginLoss
+(margin 1, its default reducer, unnormalised Euclidean distance as dmlrun's) inside the
+same loop, on the same batches: the peers' batch-hard, as the collapsing reference. Needs the [dev] extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dmlrun.losses.base import LossOutput, MetricLoss
+from dmlrun.miners.base import Miner
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (overrides on top of `loss=triplet miner=hard`, what the arm changes)
+PLAIN = ["miner.pool_k=null", "miner.grow=false", "loss.reduction=mean"]
+ARMS: dict[str, tuple[list[str], str]] = {
+    "default": ([], "the shipped default of loss=triplet miner=hard"),
+    "plain": (PLAIN, "plain batch-hard: whole batch, hinge, mean over triplets"),
+    "pml": (PLAIN + ["loss._target_=ablate_hard_mining.PMLTripletMarginLoss",
+                     "miner._target_=ablate_hard_mining.PMLBatchHardMiner"],
+            "pytorch-metric-learning BatchHardMiner + TripletMarginLoss, same batches"),
+    "small_batch": (PLAIN + ["sampler.k=2"],
+                    "plain batch-hard on P x K = 10 x 2 batches (2,750 steps per epoch)"),
+    "pools": (["miner.pool_k=2", "miner.grow=false", "loss.reduction=mean"],
+              "mining pools of 10 x 2 inside each 10 x 25 batch"),
+    "pools_grow": (["miner.pool_k=2", "miner.grow=true", "loss.reduction=mean"],
+                   "pools of 10 x 2 growing while at most half the triplets are inverted"),
+    "push": (PLAIN + ["loss.inverted=push"],
+             "whole batch; inverted triplets only push the negative out to the margin"),
+    "soft": (PLAIN + ["loss.soft=true", "loss.margin=0"],
+             "whole batch; soft margin softplus(d_ap - d_an)"),
+    "squared": (PLAIN + ["distance=squared"], "whole batch; squared Euclidean distance"),
+    "low_lr": (PLAIN + ["optimizer.lr=1e-4"], "whole batch; learning rate 1e-4"),
+    "mean_active": (PLAIN + ["loss.reduction=mean_active"],
+                    "whole batch; mean over triplets with non-zero loss"),
+}
+
+
+class PMLTripletMarginLoss(MetricLoss):
+    """pytorch-metric-learning's TripletMarginLoss behind dmlrun's loss contract."""
+
+    accepts = ("triplets",)
+    distance_params = ("margin",)
+
+    def __init__(self, distance=None, margin: float = 1.0, **_ignored) -> None:
+        from pytorch_metric_learning import distances, losses
+
+        super().__init__(distance)
+        self.margin = margin
+        lp = distances.LpDistance(normalize_embeddings=False)  # dmlrun's euclidean
+        self.pml = losses.TripletMarginLoss(margin=margin, distance=lp)
+
+    def _compute(self, embeddings, labels, indices) -> LossOutput:
+        n = torch.tensor(len(indices[0]), device=embeddings.device)
+        loss = self.pml(embeddings, labels, indices)
+        a, p, neg = indices
+        d = torch.cdist(embeddings, embeddings)
+        active = ((d[a, p] - d[a, neg] + self.margin) > 0).sum()
+        return LossOutput(loss, n, active)
+
+
+class PMLBatchHardMiner(Miner):
+    """pytorch-metric-learning's BatchHardMiner behind dmlrun's miner contract."""
+
+    def __init__(self, distance=None, **_ignored) -> None:
+        from pytorch_metric_learning import distances, miners
+
+        super().__init__(distance)
+        self.pml = miners.BatchHardMiner(distance=distances.LpDistance(normalize_embeddings=False))
+
+    def mine(self, embeddings, labels):
+        return self.pml(embeddings, labels)
+
+
+def run_arm(name: str, dim: int, seed: int, out: Path) -> dict:
+    """Run (or read) one arm; its row of the table."""
+    folder = out / f"{name}-d{dim}-s{seed}"
+    if not (folder / "summary.json").exists():
+        overrides = ["loss=triplet", "miner=hard", *ARMS[name][0],
+                     f"model.embedding_dim={dim}", f"seed={seed}",
+                     f"hydra.run.dir={folder}", "trainer.progress_bar=false"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")])}
+        print(f"running {name} (dim {dim}, seed {seed}) ...", file=sys.stderr, flush=True)
+        done = subprocess.run([sys.executable, "-m", "dmlrun", *overrides], env=env,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    summary = json.loads((folder / "summary.json").read_text())
+    epochs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    log = (folder / "dmlrun.log").read_text()
+    return {"arm": name, "dim": dim, "seed": seed,
+            "p_at_1": summary["test"]["precision_at_1"], "map_at_r": summary["test"]["map_at_r"],
+            "train_loss": epochs[-1]["train_loss"],
+            "inverted": epochs[-1].get("inverted_fraction", float("nan")),
+            "collapse_warning": "collapsed" in log or "stuck at the margin" in log,
+            "wall_seconds": summary["wall_seconds"]}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| arm | dim | seed | test P@1 | test MAP@R | last train loss | inverted | "
+            "collapse warning | wall s | what it changes |\n|---|---|---|---|---|---|---|---|---|---|")
+    body = [f"| {r['arm']} | {r['dim']} | {r['seed']} | {r['p_at_1']:.4f} | "
+            f"{r['map_at_r']:.4f} | {r['train_loss']:.4f} | {r['inverted']:.3f} | "
+            f"{'yes' if r['collapse_warning'] else 'no'} | {r['wall_seconds']:.0f} | "
+            f"{ARMS[r['arm']][1]} |" for r in rows]
+    return "\n".join([head, *body])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--dims", nargs="+", type=int, default=[2, 64])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="seeds for every arm (the default arm also runs --default-seeds)")
+    parser.add_argument("--default-seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("outputs/ablate_hard_mining"))
+    parser.add_argument("--list", action="store_true", help="print the arms and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name, (overrides, what) in ARMS.items():
+            print(f"{name:12s} {what}\n{'':12s} {' '.join(overrides) or '(no overrides)'}")
+        return
+    runs = [(a, d, s) for d in args.dims for a in args.arms for s in args.seeds]
+    if "default" in args.arms:
+        runs += [("default", d, s) for d in args.dims for s in args.default_seeds
+                 if ("default", d, s) not in runs]
+    rows = [run_arm(a, d, s, args.out) for a, d, s in runs]
+    text = table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ablation.md").write_text(text + "\n")
+    (args.out / "ablation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
