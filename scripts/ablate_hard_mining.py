@@ -14,7 +14,8 @@ fraction, collapse warnings, wall time) is printed as Markdown and written to
 
 The `pml` arm trains pytorch-metric-learning's BatchHardMiner + TripletMarginLoss
 (margin 1, its default reducer, unnormalised Euclidean distance as dmlrun's) inside the
-same loop, on the same batches: the peers' batch-hard, as the collapsing reference. Needs the [dev] extras.
+same loop, on the same batches: the peers' batch-hard, as the collapsing reference.
+Needs the [dev] extras.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def run_arm(name: str, dim: int, seed: int, out: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = ("| arm | dim | seed | test P@1 | test MAP@R | last train loss | inverted | "
-            "collapse warning | wall s | what it changes |\n|---|---|---|---|---|---|---|---|---|---|")
+            "collapse warning | wall s | what it changes |\n" + "|---" * 10 + "|")
     body = [f"| {r['arm']} | {r['dim']} | {r['seed']} | {r['p_at_1']:.4f} | "
             f"{r['map_at_r']:.4f} | {r['train_loss']:.4f} | {r['inverted']:.3f} | "
             f"{'yes' if r['collapse_warning'] else 'no'} | {r['wall_seconds']:.0f} | "

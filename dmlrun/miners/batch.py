@@ -21,8 +21,9 @@ class HardMiner(Miner):
     ``pool_k=2`` is K / 2 batch-hard problems of P x 2 images, the small pool Hermans et
     al. start from on hard data, computed in one large batch.
 
-    ``grow=True`` (with ``pool_k`` set) starts each step from pools of ``pool_k`` and takes the largest of
-    ``pool_k``, ``2 pool_k``, ``4 pool_k``, ... and the whole batch in which at most
+    ``grow=True`` (with ``pool_k`` set) starts each step from pools of ``pool_k`` and
+    takes the largest of ``pool_k``, ``2 pool_k``, ``4 pool_k``, ... and the whole batch
+    in which at most
     ``max_inverted`` of the anchors' hardest negatives are closer than their hardest
     positive. Batch-hard from a random start with every triplet inverted is what lets the
     triplet loss fall to its margin by shrinking all embeddings to one point; small
@@ -57,7 +58,8 @@ class HardMiner(Miner):
         else:
             rank = class_rank(labels)
             p, n, ok = self._pick(dist, *_in_pools(*masks, rank, self.pool_k))
-        if self.grow and self.pool_k is not None:  # on the device, no host sync: each larger pool replaces the last
+        if self.grow and self.pool_k is not None:
+            # on the device, no host sync: each larger pool that qualifies replaces the last
             grows = torch.ones((), dtype=torch.bool, device=dist.device)
             size = 2 * self.pool_k
             while size < 2 * len(labels):
