@@ -121,10 +121,18 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str],
     path.parent.mkdir(parents=True, exist_ok=True)
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_val, ax_mine) = plt.subplots(1, 3, figsize=(15, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="as optimised")
+    lowest = min(h["train_loss"] for h in history)
+    if "train_tuple_loss" in history[0] and any(
+            abs(h["train_tuple_loss"] - h["train_loss"]) > 1e-6 * abs(h["train_loss"])
+            for h in history):
+        ax_loss.plot(epochs, [h["train_tuple_loss"] for h in history], marker="s",
+                     label="mean over all tuples")
+        lowest = min(lowest, *(h["train_tuple_loss"] for h in history))
+        ax_loss.legend()
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("train loss")
-    ax_loss.set_yscale("log" if min(h["train_loss"] for h in history) > 0 else "linear")
+    ax_loss.set_yscale("log" if lowest > 0 else "linear")
     for m in metrics:
         key = f"val_{m}"
         if key in history[0]:
@@ -140,7 +148,7 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str],
         ax_mine.set_ylabel("mean distance in batch")
         ax_frac = ax_mine.twinx()
         ax_frac.plot(epochs, [h["active_fraction"] for h in history], "k--", marker="x",
-                     label="active tuples")
+                     label="active (loss > 0)")
         if steps and "inverted" in steps[0]:
             per_epoch: dict[int, int] = {}
             for row in steps:
@@ -148,7 +156,7 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str],
             ax_frac.plot([r["epoch"] - 1 + r["step"] / per_epoch[r["epoch"]] for r in steps],
                          [r["inverted"] for r in steps], color="tab:red", lw=0.6, alpha=0.6,
                          label="inverted (neg. closer than pos.), per step")
-        ax_frac.set_ylabel("fraction of tuples with loss > 0")
+        ax_frac.set_ylabel("fraction of tuples")
         ax_frac.set_ylim(0, 1.05)
         lines = ax_mine.get_legend_handles_labels()
         extra = ax_frac.get_legend_handles_labels()

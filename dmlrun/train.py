@@ -58,7 +58,7 @@ class StepConfig:
 
 
 STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance",
-               "inverted")
+               "inverted", "tuple_loss")
 NO_MINING_STEPS = 50  # consecutive steps with nothing mined before a warning
 
 
@@ -143,8 +143,8 @@ def train_epoch(
     desc: str = "train",
 ) -> dict:
     """One pass over the batches of ``epoch``. Returns per-step means (loss, tuples, mining
-    diagnostics) and, under ``"steps"``, a (steps, 6) tensor of the per-step values
-    (``STEP_FIELDS``).
+    diagnostics) and, under ``"steps"``, a (steps, len(STEP_FIELDS)) tensor of the per-step
+    values (``STEP_FIELDS``).
 
     Per-step values stay on the device; the host reads them only every ``log_every``
     steps (progress bar, no-mining check) and once at the end.
@@ -197,15 +197,17 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
             continue
         optimizer.step()
+        per_tuple = out.per_tuple if out.per_tuple is not None else out.loss.detach()
         steps[step] = torch.cat([torch.stack([out.loss.detach(), out.tuples, out.active,
                                               n_mined]).float(),
-                                 batch_diagnostics(loss_fn, emb.detach(), labels, indices)])
+                                 batch_diagnostics(loss_fn, emb.detach(), labels, indices),
+                                 per_tuple.float().reshape(1)])
         if (step + 1) % step_cfg.log_every == 0 or step + 1 == len(epoch):
             window = steps[: step + 1][applied[: step + 1]]
             means = window.mean(0)
             if step_cfg.per_rank:
                 means = distributed.all_reduce(means, "mean")
-            loss_so_far, tuples, _, n, pos_d, neg_d, inverted = means.tolist()
+            loss_so_far, tuples, _, n, pos_d, neg_d, inverted, _ = means.tolist()
             if not math.isfinite(loss_so_far):
                 raise NonFiniteLoss(
                     f"training loss became non-finite by step {step + 1} of {desc}; lower the "
@@ -231,10 +233,11 @@ def train_epoch(
     if len(steps) == 0:
         raise NonFiniteLoss(f"every step of {desc} had a non-finite loss or gradient and was "
                             "skipped; lower the learning rate (optimizer.lr) or check the data")
-    loss, tuples, active, mined, pos_d, neg_d, inverted = steps.mean(0).tolist()
+    loss, tuples, active, mined, pos_d, neg_d, inverted, tuple_loss = steps.mean(0).tolist()
     n_images = epoch.indices.numel() * step_cfg.world
     return {
         "train_loss": loss,
+        "train_tuple_loss": tuple_loss,
         "tuples_per_step": tuples,
         "active_per_step": active,
         "active_fraction": active / tuples if tuples else 0.0,

@@ -34,28 +34,35 @@ from dmlrun.miners.base import Miner
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> (overrides on top of `loss=triplet miner=hard`, what the arm changes)
-PLAIN = ["miner.pool_k=null", "miner.grow=false", "loss.reduction=mean"]
+# name -> (overrides on top of `loss=triplet miner=hard`, what the arm changes). PLAIN undoes
+# loss_miner/triplet_hard.yaml and loss_miner_optimizer/triplet_hard_adam.yaml.
+PLAIN = ["miner.pool_k=null", "miner.grow=false", "loss.reduction=mean", "optimizer.lr=1e-3"]
+POOLS = ["miner.pool_k=2", "miner.grow=false", "loss.reduction=mean", "optimizer.lr=1e-3"]
 ARMS: dict[str, tuple[list[str], str]] = {
-    "default": ([], "the shipped default of loss=triplet miner=hard"),
-    "plain": (PLAIN, "plain batch-hard: whole batch, hinge, mean over triplets"),
+    "plain": (PLAIN, "plain batch-hard: whole 10 x 25 batch, hinge, mean, lr 1e-3"),
     "pml": (PLAIN + ["loss._target_=ablate_hard_mining.PMLTripletMarginLoss",
                      "miner._target_=ablate_hard_mining.PMLBatchHardMiner"],
             "pytorch-metric-learning BatchHardMiner + TripletMarginLoss, same batches"),
     "small_batch": (PLAIN + ["sampler.k=2"],
-                    "plain batch-hard on P x K = 10 x 2 batches (2,750 steps per epoch)"),
-    "pools": (["miner.pool_k=2", "miner.grow=false", "loss.reduction=mean"],
-              "mining pools of 10 x 2 inside each 10 x 25 batch"),
-    "pools_grow": (["miner.pool_k=2", "miner.grow=true", "loss.reduction=mean"],
-                   "pools of 10 x 2 growing while at most half the triplets are inverted"),
-    "push": (PLAIN + ["loss.inverted=push"],
-             "whole batch; inverted triplets only push the negative out to the margin"),
+                    "plain, on 10 x 2 batches (2,750 steps per epoch)"),
+    "low_lr": (PLAIN + ["optimizer.lr=1e-4"], "plain, lr 1e-4"),
+    "high_lr": (PLAIN + ["optimizer.lr=3e-3"], "plain, lr 3e-3"),
+    "squared": (PLAIN + ["distance=squared"], "plain, squared Euclidean distance"),
     "soft": (PLAIN + ["loss.soft=true", "loss.margin=0"],
-             "whole batch; soft margin softplus(d_ap - d_an)"),
-    "squared": (PLAIN + ["distance=squared"], "whole batch; squared Euclidean distance"),
-    "low_lr": (PLAIN + ["optimizer.lr=1e-4"], "whole batch; learning rate 1e-4"),
+             "plain, soft margin softplus(d_ap - d_an)"),
     "mean_active": (PLAIN + ["loss.reduction=mean_active"],
-                    "whole batch; mean over triplets with non-zero loss"),
+                    "plain, mean over triplets with non-zero loss"),
+    "push": (PLAIN + ["loss.inverted=push"],
+             "plain; inverted triplets only push the negative out to the margin"),
+    "pools": (POOLS, "mining pools of 10 x 2 inside each 10 x 25 batch"),
+    "pools_grow_half": (POOLS + ["miner.grow=true", "miner.max_inverted=0.5"],
+                        "pools, growing while at most 50% of triplets are inverted"),
+    "pools_grow": (POOLS + ["miner.grow=true", "miner.max_inverted=0.1"],
+                   "pools, growing while at most 10% of triplets are inverted"),
+    "pools_grow_active": (POOLS + ["miner.grow=true", "miner.max_inverted=0.1",
+                                   "loss.reduction=mean_active"],
+                          "pools_grow, mean over triplets with non-zero loss"),
+    "default": ([], "the shipped default: pools_grow_active with lr 3e-3"),
 }
 
 

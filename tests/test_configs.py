@@ -106,3 +106,19 @@ def test_margins_past_the_distance_range_are_refused():
 
 def test_every_loss_has_a_recipe():
     assert set(options("loss")) <= set(options("experiment"))
+
+
+def test_triplet_with_hard_miner_gets_its_specialisation():
+    """loss_miner/triplet_hard.yaml applies to exactly that pair, under experiments too;
+    the command line still wins."""
+    for overrides in (["loss=triplet", "miner=hard"], ["experiment=triplet_hard"]):
+        cfg = compose_cfg(overrides)
+        assert cfg.miner.pool_k == 2 and cfg.miner.grow and cfg.optimizer.lr == 3e-3
+    # its learning rate is Adam's only
+    cfg = compose_cfg(["loss=triplet", "miner=hard", "optimizer=sgd"])
+    assert cfg.miner.pool_k == 2 and cfg.optimizer.lr == 0.01
+    for overrides in ([], ["loss=triplet", "miner=semihard"], ["miner=easy_hard"]):
+        cfg = compose_cfg(overrides)
+        assert cfg.miner.get("pool_k") is None and cfg.optimizer.lr == 1e-3
+    cfg = compose_cfg(["loss=triplet", "miner=hard", "miner.pool_k=null", "optimizer.lr=1e-4"])
+    assert cfg.miner.pool_k is None and cfg.optimizer.lr == 1e-4

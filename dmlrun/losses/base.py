@@ -14,11 +14,14 @@ REDUCTIONS = ("sum", "mean", "mean_active")
 
 
 class LossOutput(NamedTuple):
-    """``loss`` scalar; ``tuples`` and ``active`` (non-zero loss) counts as 0-d tensors."""
+    """``loss`` scalar; ``tuples`` and ``active`` (non-zero loss) counts as 0-d tensors;
+    ``per_tuple``: the mean loss over all tuples whatever the reduction (None: the loss
+    has no per-tuple terms), so runs with other reductions or batch sizes compare."""
 
     loss: torch.Tensor
     tuples: torch.Tensor
     active: torch.Tensor
+    per_tuple: torch.Tensor | None = None
 
 
 class MetricLoss(nn.Module):
@@ -97,14 +100,15 @@ class MetricLoss(nn.Module):
         if tuples is None:
             tuples = torch.tensor(losses.numel(), device=losses.device)
         if losses.numel() == 0:
-            return LossOutput(anchor.sum() * 0.0, tuples, active)
+            zero = anchor.sum() * 0.0
+            return LossOutput(zero, tuples, active, zero.detach())
         if self.reduction == "sum":
             loss = losses.sum()
         elif self.reduction == "mean":
             loss = losses.mean()
         else:
             loss = losses.sum() / active.clamp_min(1)
-        return LossOutput(loss, tuples, active)
+        return LossOutput(loss, tuples, active, losses.detach().mean())
 
 
 class PairLoss(MetricLoss):

@@ -24,9 +24,9 @@ class HardMiner(Miner):
     ``grow=True`` (with ``pool_k`` set) starts each step from pools of ``pool_k`` and
     takes the largest of ``pool_k``, ``2 pool_k``, ``4 pool_k``, ... and the whole batch
     in which at most ``max_inverted`` of the anchors' hardest negatives are closer than
-    their hardest positive. Batch-hard from a random start with every triplet inverted is what lets the
-    triplet loss fall to its margin by shrinking all embeddings to one point; small
-    pools avoid that, and the pools grow as the embedding learns.
+    their hardest positive. Batch-hard from a random start, with nearly every triplet
+    inverted, lets the triplet loss fall to its margin by shrinking all embeddings to
+    one point; small pools avoid that, and the pools grow as the embedding learns.
     """
 
     def __init__(
