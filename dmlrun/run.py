@@ -333,6 +333,8 @@ def validate_config(cfg: DictConfig) -> Any:
         (str(tcfg.get("mining", "global")) in ("global", "local"),
          f"trainer.mining must be global or local, got {tcfg.get('mining')!r}"),
         (int(tcfg.log_every) >= 1, f"trainer.log_every must be >= 1, got {tcfg.log_every}"),
+        (float(tcfg.get("warmup_epochs", 0)) >= 0,
+         f"trainer.warmup_epochs must be >= 0, got {tcfg.get('warmup_epochs')}"),
         (int(tcfg.eval_batch_size) >= 1,
          f"trainer.eval_batch_size must be >= 1, got {tcfg.eval_batch_size}"),
         (int(cfg.evaluation.knn_k) >= 1, f"evaluation.knn_k must be >= 1, got "
@@ -519,7 +521,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
     step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every),
                           tcfg.progress_bar if ranks.main else False,
                           float(cfg.semi.get("unlabeled_weight", 1.0)), nonfinite,
-                          lambda: received.get("signal"), ranks.world, mining)
+                          lambda: received.get("signal"), ranks.world, mining,
+                          float(tcfg.get("warmup_epochs", 0.0)))
     if semi is None:
         def next_epoch() -> Epoch:
             # every rank draws the same global epoch and keeps its slice of each batch

@@ -45,6 +45,9 @@ class StepConfig:
     # of all ranks (the single-process batch), "local" mines each rank's slice alone.
     world: int = 1
     mining: str = "global"
+    # Linear learning-rate warm-up over the first ``warmup_epochs`` epochs (fractions
+    # allowed), per step, on top of the epoch scheduler's rate; 0 = none.
+    warmup_epochs: float = 0.0
 
     @property
     def gathers(self) -> bool:
@@ -86,6 +89,14 @@ def batch_diagnostics(
             near_neg = d.masked_fill(~neg, float("inf")).amin(1)
             inverted = ((far_pos > near_neg) & anchors).float().sum() / anchors.sum().clamp_min(1)
         return torch.stack([*means, inverted])
+
+
+def warmup_factor(warmup_epochs: float, epoch_no: int, step: int, steps: int) -> float:
+    """Learning-rate factor of step ``step`` (0-based) of epoch ``epoch_no`` (1-based):
+    rises linearly from 1 / (warm-up steps) to 1 over the first ``warmup_epochs``."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch_no - 1 + (step + 1) / steps) / warmup_epochs)
 
 
 def _stop_signal(step_cfg: StepConfig, step: int, device: torch.device) -> int:
@@ -141,6 +152,7 @@ def train_epoch(
     epoch: Epoch,
     step_cfg: StepConfig,
     desc: str = "train",
+    epoch_no: int = 1,
 ) -> dict:
     """One pass over the batches of ``epoch``. Returns per-step means (loss, tuples, mining
     diagnostics) and, under ``"steps"``, a (steps, len(STEP_FIELDS)) tensor of the per-step
@@ -159,6 +171,7 @@ def train_epoch(
                disable=None if show is None else not show)
     t0 = time.perf_counter()
     applied = torch.ones(len(epoch), dtype=torch.bool, device=device)
+    scheduled = [g["lr"] for g in optimizer.param_groups]
     for step in bar:
         if signum := _stop_signal(step_cfg, step, device):
             raise Interrupted(f"stopped by signal {signum} at step {step + 1} of {desc}",
@@ -196,6 +209,10 @@ def train_epoch(
                         step + 1)
             optimizer.zero_grad(set_to_none=True)
             continue
+        if step_cfg.warmup_epochs > 0:
+            warm = warmup_factor(step_cfg.warmup_epochs, epoch_no, step, len(epoch))
+            for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
+                group["lr"] = lr * warm
         optimizer.step()
         per_tuple = out.per_tuple if out.per_tuple is not None else out.loss.detach()
         steps[step] = torch.cat([torch.stack([out.loss.detach(), out.tuples, out.active,
@@ -225,6 +242,8 @@ def train_epoch(
                             mined=f"{n:.0f}" if miner is not None else "-",
                             d_pos=f"{pos_d:.3g}", d_neg=f"{neg_d:.3g}",
                             inverted=f"{inverted:.2f}")
+    for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
+        group["lr"] = lr  # the epoch scheduler continues from its own rate
     seconds = time.perf_counter() - t0
     if step_cfg.per_rank:
         steps = distributed.all_reduce(steps, "mean")  # rank means; "applied" agrees (DDP)
@@ -277,7 +296,7 @@ def fit(
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         stats = train_epoch(model, loss_fn, miner, optimizer, split, next_epoch(), step_cfg,
-                            desc=f"epoch {epoch_no}/{max_epochs}")
+                            desc=f"epoch {epoch_no}/{max_epochs}", epoch_no=epoch_no)
         steps = stats.pop("steps")
         if on_steps is not None:
             on_steps(epoch_no, steps)

@@ -36,10 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> (overrides on top of `loss=triplet miner=hard`, what the arm changes). PLAIN undoes
 # loss_miner/triplet_hard.yaml and loss_miner_optimizer/triplet_hard_adam.yaml.
-PLAIN = ["miner.pool_k=null", "miner.grow=false", "loss.reduction=mean", "optimizer.lr=1e-3"]
-POOLS = ["miner.pool_k=2", "miner.grow=false", "loss.reduction=mean", "optimizer.lr=1e-3"]
+DEFAULTS = ["loss.reduction=mean", "optimizer.lr=1e-3", "trainer.warmup_epochs=0"]
+PLAIN = ["miner.pool_k=null", "miner.grow=false", *DEFAULTS]
+POOLS = ["miner.pool_k=2", "miner.grow=false", *DEFAULTS]
 ARMS: dict[str, tuple[list[str], str]] = {
-    "plain": (PLAIN, "plain batch-hard: whole 10 x 25 batch, hinge, mean, lr 1e-3"),
+    "plain": (PLAIN, "plain batch-hard: whole 10 x 25 batch, hinge, mean, lr 1e-3, no warm-up"),
     "pml": (PLAIN + ["loss._target_=ablate_hard_mining.PMLTripletMarginLoss",
                      "miner._target_=ablate_hard_mining.PMLBatchHardMiner"],
             "pytorch-metric-learning BatchHardMiner + TripletMarginLoss, same batches"),
@@ -47,6 +48,7 @@ ARMS: dict[str, tuple[list[str], str]] = {
                     "plain, on 10 x 2 batches (2,750 steps per epoch)"),
     "low_lr": (PLAIN + ["optimizer.lr=1e-4"], "plain, lr 1e-4"),
     "high_lr": (PLAIN + ["optimizer.lr=3e-3"], "plain, lr 3e-3"),
+    "warmup": (PLAIN + ["trainer.warmup_epochs=1"], "plain, linear warm-up over epoch 1"),
     "squared": (PLAIN + ["distance=squared"], "plain, squared Euclidean distance"),
     "soft": (PLAIN + ["loss.soft=true", "loss.margin=0"],
              "plain, soft margin softplus(d_ap - d_an)"),
@@ -62,7 +64,10 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "pools_grow_active": (POOLS + ["miner.grow=true", "miner.max_inverted=0.1",
                                    "loss.reduction=mean_active"],
                           "pools_grow, mean over triplets with non-zero loss"),
-    "default": ([], "the shipped default: pools_grow_active with lr 3e-3"),
+    "pools_grow_active_lr": (POOLS + ["miner.grow=true", "miner.max_inverted=0.1",
+                                      "loss.reduction=mean_active", "optimizer.lr=3e-3"],
+                             "pools_grow_active, lr 3e-3 (no warm-up)"),
+    "default": ([], "the shipped default: pools_grow_active, lr 3e-3, warm-up over epoch 1"),
 }
 
 

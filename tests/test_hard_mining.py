@@ -1,12 +1,20 @@
-"""`loss=triplet miner=hard` on real MNIST: plain batch-hard collapses from a random start
-and says so; the shipped default (growing mining pools) trains instead: the loss falls
-under the margin and the gap between negative and positive distances grows."""
+"""`loss=triplet miner=hard` on real MNIST: plain batch-hard (one override away) collapses
+from a random start and says so; the shipped default (growing mining pools, warm-up)
+trains instead: the loss falls under the margin and the gap between negative and positive
+distances grows. Also the learning-rate warm-up itself."""
 
 import json
 
 import pytest
+import torch
 
+from dmlrun.data.dataset import Split
+from dmlrun.data.samplers import PKSampler
+from dmlrun.losses import TripletLoss
+from dmlrun.miners import HardMiner
+from dmlrun.models import MLP
 from dmlrun.run import run
+from dmlrun.train import StepConfig, train_epoch, warmup_factor
 from tests.conftest import TINY, compose_cfg
 
 SHORT = [o for o in TINY if not o.startswith(("sampler.batches_per_epoch", "trainer.max_"))] + [
@@ -46,3 +54,33 @@ def test_default_hard_mining_trains(tmp_path, data_dir, caplog):
     assert sum(gap[-10:]) / 10 > 5 * sum(gap[:10]) / 10 > 0
     assert epochs[-1]["inverted_fraction"] < 0.5
     assert summary["test"]["precision_at_1"] > 0.8
+
+
+class RecordingAdam(torch.optim.Adam):
+    """Adam that notes the learning rate of every step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[float] = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def test_warmup_rises_linearly_per_step_and_hands_back_the_scheduled_rate():
+    assert warmup_factor(0, 1, 0, 10) == 1.0
+    assert [warmup_factor(0.5, 1, s, 10) for s in range(6)] == [0.2, 0.4, 0.6, 0.8, 1, 1]
+    assert warmup_factor(2, 2, 4, 10) == pytest.approx(0.75)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  torch.arange(6).repeat(10))
+    model = MLP(embedding_dim=2, hidden_dims=(8,))
+    opt = RecordingAdam(model.parameters(), lr=0.01)
+    epoch = PKSampler(p=3, k=4, batches_per_epoch=4).epoch(split.labels, g)
+    cfg = StepConfig(progress_bar=False, warmup_epochs=2)
+    for epoch_no in (1, 2, 3):
+        train_epoch(model, TripletLoss(), HardMiner(), opt, split, epoch, cfg,
+                    epoch_no=epoch_no)
+        assert opt.param_groups[0]["lr"] == 0.01  # the scheduler's rate, untouched
+    assert opt.seen == pytest.approx([0.01 * i / 8 for i in range(1, 9)] + [0.01] * 4)
