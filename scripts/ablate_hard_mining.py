@@ -4,13 +4,14 @@
                                                          # then the default over seeds 0-2
     python scripts/ablate_hard_mining.py --arms default plain --dims 2 --seeds 0 1 2
     python scripts/ablate_hard_mining.py --list          # the arms and what they change
+    python scripts/ablate_hard_mining.py --time-rounds 2 # wall time against plain `dmlrun`
 
 Each arm is a real `dmlrun loss=triplet miner=hard <overrides>` run (full MNIST, default
 epochs, P x K = 10 x 25 unless the arm says otherwise) in its own folder under --out;
 an arm whose folder already holds summary.json is read, not run again. The table (test
-P@1 / MAP@R with the best-validation checkpoint, last epoch's train loss and inverted
-fraction, collapse warnings, wall time) is printed as Markdown and written to
-<out>/ablation.md.
+P@1 / MAP@R with the best-validation checkpoint, the last epoch's loss per triplet and
+inverted fraction, collapse warnings) is printed as Markdown and written to
+<out>/ablation.md. Wall times come from --time-rounds, run on a quiet machine.
 
 The `pml` arm trains pytorch-metric-learning's BatchHardMiner + TripletMarginLoss
 (margin 1, its default reducer, unnormalised Euclidean distance as dmlrun's) inside the
@@ -23,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -127,19 +130,43 @@ def run_arm(name: str, dim: int, seed: int, out: Path) -> dict:
     return {"arm": name, "dim": dim, "seed": seed,
             "p_at_1": summary["test"]["precision_at_1"], "map_at_r": summary["test"]["map_at_r"],
             "train_loss": epochs[-1]["train_loss"],
+            "tuple_loss": epochs[-1].get("train_tuple_loss", epochs[-1]["train_loss"]),
             "inverted": epochs[-1].get("inverted_fraction", float("nan")),
             "collapse_warning": "collapsed" in log or "stuck at the margin" in log,
             "wall_seconds": summary["wall_seconds"]}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| arm | dim | seed | test P@1 | test MAP@R | last train loss | inverted | "
-            "collapse warning | wall s | what it changes |\n" + "|---" * 10 + "|")
+    head = ("| arm | dim | seed | test P@1 | test MAP@R | last epoch: loss per triplet | "
+            "inverted | collapse warning | what it changes |\n" + "|---" * 9 + "|")
     body = [f"| {r['arm']} | {r['dim']} | {r['seed']} | {r['p_at_1']:.4f} | "
-            f"{r['map_at_r']:.4f} | {r['train_loss']:.4f} | {r['inverted']:.3f} | "
-            f"{'yes' if r['collapse_warning'] else 'no'} | {r['wall_seconds']:.0f} | "
-            f"{ARMS[r['arm']][1]} |" for r in rows]
+            f"{r['map_at_r']:.4f} | {r['tuple_loss']:.4f} | {r['inverted']:.3f} | "
+            f"{'yes' if r['collapse_warning'] else 'no'} | {ARMS[r['arm']][1]} |"
+            for r in rows]
     return "\n".join([head, *body])
+
+
+def time_against_default(rounds: int, out: Path) -> str:
+    """Whole-command wall time of `dmlrun` and `dmlrun loss=triplet miner=hard`, run in
+    alternation (so both see the same machine), fresh folders each time."""
+    commands = {"dmlrun": [], "dmlrun loss=triplet miner=hard": ["loss=triplet", "miner=hard"]}
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    for r in range(rounds):
+        for i, (name, args) in enumerate(commands.items()):
+            folder = out / f"timing-{i}-r{r}"
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"timing {name} (round {r + 1}) ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "dmlrun", *args, f"hydra.run.dir={folder}",
+                            "trainer.progress_bar=false"], check=True, capture_output=True)
+            seconds[name].append(time.perf_counter() - t0)
+    base = seconds["dmlrun"]
+    lines = ["| command | wall seconds per round | mean | ratio to `dmlrun` |", "|---" * 4 + "|"]
+    for name, values in seconds.items():
+        mean = sum(values) / len(values)
+        lines.append(f"| `{name}` | {', '.join(f'{v:.1f}' for v in values)} | {mean:.1f} | "
+                     f"{mean / (sum(base) / len(base)):.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -151,7 +178,16 @@ def main() -> None:
     parser.add_argument("--default-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("outputs/ablate_hard_mining"))
     parser.add_argument("--list", action="store_true", help="print the arms and exit")
+    parser.add_argument("--time-rounds", type=int, default=0,
+                        help="instead of the arms: time `dmlrun` against `dmlrun loss=triplet "
+                             "miner=hard` over this many alternating rounds")
     args = parser.parse_args()
+    if args.time_rounds:
+        text = time_against_default(args.time_rounds, args.out)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "timing.md").write_text(text + "\n")
+        print(text)
+        return
     if args.list:
         for name, (overrides, what) in ARMS.items():
             print(f"{name:12s} {what}\n{'':12s} {' '.join(overrides) or '(no overrides)'}")
