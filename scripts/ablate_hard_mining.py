@@ -110,10 +110,12 @@ class PMLBatchHardMiner(Miner):
         return self.pml(embeddings, labels)
 
 
-def run_arm(name: str, dim: int, seed: int, out: Path) -> dict:
-    """Run (or read) one arm; its row of the table."""
+def run_arm(name: str, dim: int, seed: int, out: Path, run: bool = True) -> dict | None:
+    """Run (or read) one arm; its row of the table (None: not run, and ``run`` is off)."""
     folder = out / f"{name}-d{dim}-s{seed}"
     if not (folder / "summary.json").exists():
+        if not run:
+            return None
         overrides = ["loss=triplet", "miner=hard", *ARMS[name][0],
                      f"model.embedding_dim={dim}", f"seed={seed}",
                      f"hydra.run.dir={folder}", "trainer.progress_bar=false"]
@@ -144,6 +146,23 @@ def table(rows: list[dict]) -> str:
             f"{'yes' if r['collapse_warning'] else 'no'} | {ARMS[r['arm']][1]} |"
             for r in rows]
     return "\n".join([head, *body])
+
+
+def seed_summary(rows: list[dict]) -> str:
+    """Mean +- standard deviation (n - 1) of the default arm over its seeds, per dim."""
+    lines = ["| default over seeds | dim | seeds | test P@1 | test MAP@R |", "|---" * 5 + "|"]
+    for dim in sorted({r["dim"] for r in rows}):
+        runs = [r for r in rows if r["arm"] == "default" and r["dim"] == dim]
+        if len(runs) < 2:
+            continue
+        cells = []
+        for key in ("p_at_1", "map_at_r"):
+            v = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+            cells.append(f"{float(v.mean()):.4f} +- {float(v.std()):.4f} "
+                         f"(min {float(v.min()):.4f})")
+        lines.append(f"| `loss=triplet miner=hard` | {dim} | "
+                     f"{', '.join(str(r['seed']) for r in runs)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def time_against_default(rounds: int, out: Path) -> str:
@@ -178,6 +197,8 @@ def main() -> None:
     parser.add_argument("--default-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("outputs/ablate_hard_mining"))
     parser.add_argument("--list", action="store_true", help="print the arms and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate the arms already run under --out; run nothing")
     parser.add_argument("--time-rounds", type=int, default=0,
                         help="instead of the arms: time `dmlrun` against `dmlrun loss=triplet "
                              "miner=hard` over this many alternating rounds")
@@ -192,12 +213,13 @@ def main() -> None:
         for name, (overrides, what) in ARMS.items():
             print(f"{name:12s} {what}\n{'':12s} {' '.join(overrides) or '(no overrides)'}")
         return
-    runs = [(a, d, s) for d in args.dims for a in args.arms for s in args.seeds]
-    if "default" in args.arms:
-        runs += [("default", d, s) for d in args.dims for s in args.default_seeds
-                 if ("default", d, s) not in runs]
-    rows = [run_arm(a, d, s, args.out) for a, d, s in runs]
-    text = table(rows)
+    def seeds(arm: str) -> list[int]:
+        extra = args.default_seeds if arm == "default" else []
+        return list(dict.fromkeys([*args.seeds, *extra]))
+
+    runs = [(a, d, s) for d in args.dims for a in args.arms for s in seeds(a)]
+    rows = [r for a, d, s in runs if (r := run_arm(a, d, s, args.out, not args.report_only))]
+    text = table(rows) + "\n\n" + seed_summary(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ablation.md").write_text(text + "\n")
     (args.out / "ablation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
