@@ -76,8 +76,10 @@ def worker(rank, size, init_file, out_dir):
             if rank == 0:
                 torch.save({"loss": loss, "params": params},
                            f"{out_dir}/{loss_name}-{mode}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    distributed.exit_now(0)  # as the product's ranks end (see exit_now)
 
 
 @pytest.fixture(scope="module")
