@@ -62,6 +62,13 @@ class StepConfig:
 
 STEP_FIELDS = ("loss", "tuples", "active", "mined", "pos_distance", "neg_distance",
                "inverted", "tuple_loss")
+
+
+def column(steps: torch.Tensor, field: str) -> torch.Tensor:
+    """One field (a name in ``STEP_FIELDS``) of a (steps, len(STEP_FIELDS)) tensor."""
+    return steps[:, STEP_FIELDS.index(field)]
+
+
 NO_MINING_STEPS = 50  # consecutive steps with nothing mined before a warning
 
 
@@ -261,11 +268,11 @@ def train_epoch(
         "active_per_step": active,
         "active_fraction": active / tuples if tuples else 0.0,
         "mined_per_step": mined if miner is not None else tuples,
-        "no_mining_steps": int((steps[:, 3] == 0).sum()) if miner is not None else 0,
+        "no_mining_steps": int((column(steps, "mined") == 0).sum()) if miner is not None else 0,
         "pos_distance": pos_d,
         "neg_distance": neg_d,
         "inverted_fraction": inverted,
-        "first_neg_distance": float(steps[0, 5]),
+        "first_neg_distance": float(column(steps, "neg_distance")[0]),
         "skipped_steps": int((~applied).sum()),
         "train_seconds": seconds,
         "samples_per_s": n_images / seconds,
