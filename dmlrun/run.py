@@ -12,6 +12,7 @@ import platform
 import random
 import signal
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,20 @@ COLLAPSE_RATIO = 0.01  # class distances this small a fraction of the start: col
 SHRINK_RATIO = 0.5
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's
+
+
+SPECIALISATIONS = ("loss_miner", "loss_miner_optimizer")  # config.yaml's optional groups
+
+
+def specialisations(cfg: DictConfig) -> list[str]:
+    """The shipped specialisation files (e.g. loss_miner/triplet_hard.yaml) that Hydra
+    applied to this run's combination of groups."""
+    found = []
+    for group in SPECIALISATIONS:
+        name = choice(cfg, group)
+        if (resources.files("dmlrun.configs") / group / f"{name}.yaml").is_file():
+            found.append(f"{group}/{name}.yaml")
+    return found
 
 
 def _guard_run_dir(run_dir: Path) -> None:
@@ -376,6 +391,12 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
     log.info("run folder: %s", run_dir.resolve())
     log.info("device %s, amp %s; %s", device, amp_dtype, " ".join(f"{k}={v}" for k, v in
                                                                names.items()))
+    for path in specialisations(cfg):
+        log.info("settings for this combination from configs/%s", path)
+    if parts.miner is not None:
+        log.info("miner %r; optimizer lr %s%s", parts.miner, cfg.optimizer.get("lr"),
+                 f", warm-up over {tcfg.warmup_epochs} epoch(s)"
+                 if float(tcfg.get("warmup_epochs", 0)) > 0 else "")
     backend = torch.distributed.get_backend() if ranks.launched else None
     if ranks.launched:
         log.info("%d process%s (%s), each with %d of the %d images per batch; mining %s",

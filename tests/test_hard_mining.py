@@ -15,7 +15,7 @@ from dmlrun.miners import HardMiner
 from dmlrun.models import MLP
 from dmlrun.run import run
 from dmlrun.train import StepConfig, train_epoch, warmup_factor
-from tests.conftest import TINY, compose_cfg
+from tests.conftest import TINY, compose_cfg, run_cli
 
 SHORT = [o for o in TINY if not o.startswith(("sampler.batches_per_epoch", "trainer.max_"))] + [
     "dataset.train_size=3000", "sampler.k=10", "sampler.batches_per_epoch=100",
@@ -84,3 +84,16 @@ def test_warmup_rises_linearly_per_step_and_hands_back_the_scheduled_rate():
                     epoch_no=epoch_no)
         assert opt.param_groups[0]["lr"] == 0.01  # the scheduler's rate, untouched
     assert opt.seen == pytest.approx([0.01 * i / 8 for i in range(1, 9)] + [0.01] * 4)
+
+
+def test_the_log_names_the_specialisation_and_the_mining(tmp_path):
+    res = run_cli(["loss=triplet", "miner=hard", "dataset.train_size=1000",
+                   "dataset.val_size=200", "dataset.test_size=300", "dataset.download=false",
+                   "sampler.batches_per_epoch=2", "trainer.max_epochs=1",
+                   "trainer.epoch_plots=false", "evaluation.baselines=false",
+                   f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    log = (tmp_path / "r" / "dmlrun.log").read_text()
+    assert "configs/loss_miner/triplet_hard.yaml" in log
+    assert "configs/loss_miner_optimizer/triplet_hard_adam.yaml" in log
+    assert "pool_k=2, grow=True, max_inverted=0.1" in log and "lr 0.003" in log

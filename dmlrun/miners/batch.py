@@ -72,6 +72,11 @@ class HardMiner(Miner):
         a = torch.nonzero(ok).flatten()
         return a, p[a], n[a]
 
+    def __repr__(self) -> str:
+        pools = (f", pool_k={self.pool_k}, grow={self.grow}, max_inverted={self.max_inverted}"
+                 if self.pool_k is not None else "")
+        return f"HardMiner(positive={self.positive!r}{pools})"
+
     def _pick(self, dist, pos, neg):
         """(B,) positive and negative picked for each anchor, and which anchors have both."""
         if self.positive == "hardest":
