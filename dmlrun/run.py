@@ -36,16 +36,12 @@ from dmlrun.data.samplers import Epoch
 from dmlrun.distributed import Ranks
 from dmlrun.errors import RANK_GRACE_S, ConfigError, Interrupted, UserError
 from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
-from dmlrun.losses import TripletLoss
 from dmlrun.semi import SemiSupervision, pick_labeled
 from dmlrun.train import STEP_FIELDS, StepConfig, fit
 
 log = logging.getLogger("dmlrun")
 
 COLLAPSE_RATIO = 0.01  # class distances this small a fraction of the start: collapsed
-# A triplet loss at its margin is collapsing (not merely early in training) when the
-# class distances have also shrunk below this fraction of the first step's.
-SHRINK_RATIO = 0.5
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's
 
@@ -510,19 +506,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
                 "miner=semihard.",
                 record["epoch"], record["neg_distance"],
                 100 * record["neg_distance"] / reference, reference)
-        margin = getattr(loss_fn, "margin", None)
-        shrunk = record["neg_distance"] < SHRINK_RATIO * reference
-        if isinstance(loss_fn, TripletLoss) and margin and record["active_fraction"] > 0.99 and \
-                abs(record["train_loss"] - margin) < 0.01 * margin and shrunk:
-            log.warning(
-                "epoch %d: the loss is stuck at the margin (%.4g) with every tuple active and "
-                "the distances shrinking: the embeddings are collapsing to one point (%.0f%% "
-                "of the mined triplets have their negative closer than their positive). "
-                "Batch-hard mining over a "
-                "whole batch does this from a random start; mine in small, growing pools "
-                "(miner.pool_k=2 miner.grow=true, the default of loss=triplet miner=hard), or "
-                "use miner=semihard.", record["epoch"], margin,
-                100 * record["inverted_fraction"])
+        for warning in loss_fn.epoch_warnings(record, reference):
+            log.warning("epoch %d: %s", record["epoch"], warning)
         log.info(
             "epoch %d: loss %.4g, %.0f tuples/step (%.0f%% active), val P@1 %.4f, MAP@R %.4f, "
             "%.0f samples/s, %.1fs; d(pos) %.3g, d(neg) %.3g", record["epoch"],

@@ -65,6 +65,12 @@ class MetricLoss(nn.Module):
     def _compute(self, embeddings, labels, indices) -> LossOutput:
         raise NotImplementedError
 
+    def epoch_warnings(self, record: dict, first_neg_distance: float) -> list[str]:
+        """Warnings this loss reads from an epoch's record (``metrics.jsonl`` fields);
+        ``first_neg_distance`` is the mean different-class distance of the run's first
+        step. The run logs each one."""
+        return []
+
     def _check(self, embeddings, labels, indices) -> None:
         if embeddings.ndim != 2 or labels.ndim != 1 or len(embeddings) != len(labels):
             raise ValueError(

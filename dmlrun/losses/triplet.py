@@ -10,6 +10,9 @@ from dmlrun.losses.base import LossOutput, MetricLoss
 from dmlrun.tuples import label_masks
 
 INVERTED = ("hinge", "push")
+# A triplet loss at its margin is collapsing (not merely early in training) when the
+# class distances have also shrunk below this fraction of the first step's.
+SHRINK_RATIO = 0.5
 
 
 class TripletLoss(MetricLoss):
@@ -70,3 +73,19 @@ class TripletLoss(MetricLoss):
             return self.reduce(grid[valid], embeddings)
         a, p, n = indices
         return self.reduce(self.triplet_losses(dist[a, p], dist[a, n]), embeddings)
+
+    def epoch_warnings(self, record: dict, first_neg_distance: float) -> list[str]:
+        """The collapse of batch-hard: the loss at its margin with every triplet active
+        while the distances shrink."""
+        m = self.margin
+        if not (m and record["active_fraction"] > 0.99
+                and abs(record["train_loss"] - m) < 0.01 * m
+                and record["neg_distance"] < SHRINK_RATIO * first_neg_distance):
+            return []
+        return [f"the loss is stuck at the margin ({m:.4g}) with every tuple active and the "
+                "distances shrinking: the embeddings are collapsing to one point "
+                f"({100 * record.get('inverted_fraction', float('nan')):.0f}% of the mined "
+                "triplets have their negative closer than their positive). Batch-hard mining "
+                "over a whole batch does this from a random start; mine in small, growing "
+                "pools (miner.pool_k=2 miner.grow=true, the default of loss=triplet "
+                "miner=hard), or use miner=semihard."]
