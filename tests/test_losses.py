@@ -219,3 +219,18 @@ def test_soft_margin_matches_loop():
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(torch.autograd.grad(got, emb)[0], torch.autograd.grad(ref, emb)[0])
     assert loss.compute(emb, labels).active == len(terms)  # softplus is never zero
+
+
+def test_triplet_epoch_warnings_name_collapse_and_inflation():
+    loss = TripletLoss(margin=1.0)
+    healthy = {"active_fraction": 0.3, "train_loss": 0.4, "neg_distance": 5.0,
+               "inverted_fraction": 0.05}
+    assert loss.epoch_warnings(healthy, 0.03) == []
+    collapsed = {"active_fraction": 1.0, "train_loss": 1.0005, "neg_distance": 0.001,
+                 "inverted_fraction": 1.0}
+    assert "stuck at the margin" in loss.epoch_warnings(collapsed, 0.03)[0]
+    early = {**collapsed, "neg_distance": 0.05}  # at the margin, but distances growing
+    assert loss.epoch_warnings(early, 0.03) == []
+    inflated = {"active_fraction": 0.01, "train_loss": 0.0002, "neg_distance": 700.0,
+                "inverted_fraction": 1.0}
+    assert "outgrown the margin" in loss.epoch_warnings(inflated, 0.03)[0]

@@ -75,9 +75,16 @@ class TripletLoss(MetricLoss):
         return self.reduce(self.triplet_losses(dist[a, p], dist[a, n]), embeddings)
 
     def epoch_warnings(self, record: dict, first_neg_distance: float) -> list[str]:
-        """The collapse of batch-hard: the loss at its margin with every triplet active
-        while the distances shrink."""
+        """The collapse of batch-hard (the loss at its margin with every triplet active
+        while the distances shrink), and its opposite under ``inverted="push"`` (the loss
+        at zero while most triplets are still inverted)."""
         m = self.margin
+        inverted = record.get("inverted_fraction", 0.0)
+        if m and inverted > 0.5 and record["train_loss"] < 0.01 * m:
+            return [f"the loss is near zero while {100 * inverted:.0f}% of the mined triplets "
+                    "have their negative closer than their positive: the distances have "
+                    "outgrown the margin without ordering the classes (inverted=push does "
+                    "this in an unnormalised space); use inverted=hinge"]
         if not (m and record["active_fraction"] > 0.99
                 and abs(record["train_loss"] - m) < 0.01 * m
                 and record["neg_distance"] < SHRINK_RATIO * first_neg_distance):
