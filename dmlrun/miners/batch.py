@@ -51,24 +51,27 @@ class HardMiner(Miner):
 
     def mine(self, embeddings, labels):
         dist = self.distance.pairwise(embeddings, embeddings)
-        masks = label_masks(labels)
+        pos, neg = label_masks(labels)
         if self.pool_k is None:
-            p, n, ok = self._pick(dist, *masks)
-        else:
-            rank = class_rank(labels)
-            p, n, ok = self._pick(dist, *_in_pools(*masks, rank, self.pool_k))
-        if self.grow and self.pool_k is not None:
-            # on the device, no host sync: each larger pool that qualifies replaces the last
-            grows = torch.ones((), dtype=torch.bool, device=dist.device)
-            size = 2 * self.pool_k
-            while size < 2 * len(labels):
-                bp, bn, bok = self._pick(dist, *_in_pools(*masks, rank, size))
-                inverted = ((dist.gather(1, bn[:, None]) < dist.gather(1, bp[:, None]))
-                            .flatten() & bok).sum() / bok.sum().clamp_min(1)
-                grows = grows & (inverted <= self.max_inverted)
-                p, n, ok = (torch.where(grows, new, old) for new, old in
-                            ((bp, p), (bn, n), (bok, ok)))
-                size *= 2
+            pos, neg = pos[None], neg[None]
+        else:  # one (B, B) slice per pool size tried: pool_k, then doubling with grow
+            sizes = [self.pool_k]
+            while self.grow and sizes[-1] < len(labels):  # the last one covers the batch
+                sizes.append(2 * sizes[-1])
+            pool = class_rank(labels)[None] // torch.tensor(sizes, device=labels.device)[:, None]
+            same_pool = pool[:, :, None] == pool[:, None, :]
+            pos, neg = pos & same_pool, neg & same_pool
+        p, n, ok = self._pick(dist, pos, neg)  # (S, B) each
+        pick = 0
+        if len(p) > 1:
+            # the largest size in the unbroken run of sizes at most max_inverted inverted,
+            # chosen on the device (no host sync); the first size is always taken
+            rows = torch.arange(len(labels), device=labels.device)
+            inverted = ((dist[rows, n] < dist[rows, p]) & ok).sum(1) / ok.sum(1).clamp_min(1)
+            fits = inverted <= self.max_inverted
+            fits[0] = True
+            pick = fits.long().cumprod(0).sum() - 1
+        p, n, ok = p[pick], n[pick], ok[pick]
         a = torch.nonzero(ok).flatten()
         return a, p[a], n[a]
 
@@ -78,25 +81,20 @@ class HardMiner(Miner):
         return f"HardMiner(positive={self.positive!r}{pools})"
 
     def _pick(self, dist, pos, neg):
-        """(B,) positive and negative picked for each anchor, and which anchors have both."""
+        """(..., B) positive and negative picked for each anchor under (..., B, B) masks,
+        and which anchors have both."""
         if self.positive == "hardest":
-            pick_pos = dist.masked_fill(~pos, float("-inf")).argmax(1)
+            pick_pos = dist.masked_fill(~pos, float("-inf")).argmax(-1)
         else:
-            pick_pos = dist.masked_fill(~pos, float("inf")).argmin(1)
-        hardest_neg = dist.masked_fill(~neg, float("inf")).argmin(1)
-        return pick_pos, hardest_neg, pos.any(1) & neg.any(1)
+            pick_pos = dist.masked_fill(~pos, float("inf")).argmin(-1)
+        hardest_neg = dist.masked_fill(~neg, float("inf")).argmin(-1)
+        return pick_pos, hardest_neg, pos.any(-1) & neg.any(-1)
 
 
 def class_rank(labels: torch.Tensor) -> torch.Tensor:
     """(B,) position of each item among the batch's items of its class (0, 1, ...)."""
     same = labels[:, None] == labels[None, :]
     return (same & torch.ones_like(same).tril(-1)).sum(1)
-
-
-def _in_pools(pos, neg, rank, per_class):
-    pool = rank // per_class
-    same_pool = pool[:, None] == pool[None, :]
-    return pos & same_pool, neg & same_pool
 
 
 class SemiHardMiner(Miner):
