@@ -3,16 +3,21 @@ before any data loads."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dmlrun.errors import ConfigError, UserError
 from dmlrun.losses.base import MetricLoss
@@ -34,8 +39,6 @@ CHOICES: dict[str, str] = {}
 def choice(cfg: DictConfig, group: str) -> str:
     """The config-group option a user picked (``loss=triplet`` -> "triplet"), falling
     back to the ``_target_`` class name outside a Hydra app."""
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         picked = HydraConfig.get().runtime.choices.get(group)
         if picked:
@@ -46,6 +49,87 @@ def choice(cfg: DictConfig, group: str) -> str:
     if not has_target(node):
         return "none"
     return str(node._target_).rsplit(".", 1)[-1]
+
+
+# Settings read by the run itself (no ``_target_`` signature to check them against).
+RUN_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
+    "seed": int, "trainer.max_epochs": int, "trainer.log_every": int,
+    "trainer.eval_batch_size": int, "trainer.warmup_epochs": (int, float),
+    "trainer.early_stopping_patience": (int, type(None)), "trainer.channels_last": bool,
+    "trainer.epoch_plots": bool, "evaluation.knn_k": int, "evaluation.baselines": bool,
+    "dataset.labeled_per_class": (int, type(None)),
+}
+TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Every required value (``???``) given, and every setting of the type it is read
+    as: the run's own settings (``RUN_SETTING_TYPES``) and the arguments of each
+    ``_target_`` whose signature declares int, float, bool or str. One ConfigError naming
+    the key and the expected type."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        raise ConfigError(f"{missing[0]} has no value and needs one: add {missing[0]}=<value> "
+                          "to the command")
+    for key, kinds in RUN_SETTING_TYPES.items():
+        _check_value(key, OmegaConf.select(cfg, key, default=None, throw_on_missing=False),
+                     kinds if isinstance(kinds, tuple) else (kinds,))
+    for key, node in _target_nodes(cfg, ""):
+        for name, kinds in _declared_types(str(node._target_)).items():
+            if name in node:
+                _check_value(f"{key}{name}", _resolved(node, name), kinds)
+
+
+def _target_nodes(node: Any, prefix: str):
+    """(key prefix, node) of every config node with a ``_target_`` below ``node``."""
+    if not isinstance(node, DictConfig):
+        return
+    if has_target(node):
+        yield prefix, node
+    for key in node:
+        if str(key) != "hydra" and not str(key).startswith("_"):
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                yield from _target_nodes(child, f"{prefix}{key}.")
+
+
+def _resolved(node: DictConfig, name: str) -> Any:
+    try:
+        return node[name]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot read {name}: {exc}") from None
+
+
+def _declared_types(target: str) -> dict[str, tuple[type, ...]]:
+    """Parameter name -> accepted scalar types, from ``target``'s signature (only the
+    parameters declared as int, float, bool or str, optionally with None)."""
+    try:
+        obj = get_object(target)
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # an unreadable or third-party signature: nothing to check
+        return {}
+    found = {}
+    for name, hint in hints.items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
+            typing.get_origin(hint) is typing.Union else (hint,)
+        if args and all(a in (int, float, bool, str, type(None)) for a in args):
+            found[name] = tuple(args) + ((int,) if float in args else ())
+    return found
+
+
+def _check_value(key: str, value: Any, kinds: tuple[type, ...]) -> None:
+    if isinstance(value, bool) and bool not in kinds and int in kinds and float not in kinds:
+        ok = False  # true/false where a count belongs
+    else:
+        ok = value is None and type(None) in kinds or any(
+            isinstance(value, k) for k in kinds if k is not type(None))
+    if value is None and type(None) not in kinds:
+        ok = True  # a default of None the code handles itself
+    if not ok:
+        shown = [k for k in kinds if k in TYPE_WORDS and not (k is int and float in kinds)]
+        words = " or ".join(TYPE_WORDS[k] for k in shown)
+        words += " or null" if type(None) in kinds else ""
+        raise ConfigError(f"{key} must be {words}, got {value!r}")
 
 
 def has_target(node: Any) -> bool:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from dmlrun.data.samplers import Epoch
-from dmlrun.errors import ConfigError
+from dmlrun.errors import EXIT_USER_ERROR, RANK_GRACE_S, ConfigError, Interrupted, UserError
 
 TIMEOUT = timedelta(minutes=30)  # rank 0 evaluates while the others wait
 
@@ -83,6 +83,46 @@ def from_env() -> Ranks:
         return Ranks()
     return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                  int(os.environ.get("LOCAL_RANK", "0")), launched=True)
+
+
+def env_rank() -> int:
+    """This process's rank as its launcher (torchrun, SLURM, submitit) tells it, before
+    any process group exists; 0 when alone."""
+    for key in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def requested(devices: Any) -> int | None:
+    """``trainer.devices``: None for "auto" (as many processes as were started), else the
+    number of processes to train with."""
+    if devices == "auto":
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"trainer.devices must be auto or a number >= 1, got {devices!r}")
+    return devices
+
+
+def check_gpus(n: int, device: torch.device) -> None:
+    """One process per GPU: refuse more CUDA processes than GPUs."""
+    if device.type == "cuda" and n > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={n} but this machine has "
+                          f"{torch.cuda.device_count()} GPU(s); one process per GPU")
+
+
+def on_main(check: Callable[[], Any], ranks: Ranks) -> Any:
+    """Rank 0 runs ``check``; every rank gets its result, or raises rank 0's UserError."""
+    value = problem = None
+    if ranks.main:
+        try:
+            value = check()
+        except UserError as exc:
+            problem = str(exc)
+    value, problem = broadcast((value, problem))
+    if problem:
+        raise UserError(problem)
+    return value
 
 
 def init(ranks: Ranks, device: torch.device) -> torch.device:
@@ -176,6 +216,33 @@ def spawn(target: Callable[..., Any], n: int, *args: Any) -> tuple[int, str | No
             signal.signal(sig, handler)
     message = None if errors.empty() else errors.get()[1]
     return (code if code >= 0 else 128 - code), message  # killed by signal s: -s
+
+
+def run_rank(target: Callable[..., Any], args: tuple, errors: Any) -> None:
+    """The body of one spawned rank: ``target(*args)``; a UserError goes on the parent's
+    ``errors`` queue (rank 0's as it is; another rank's after a grace period, so that when
+    rank 0 fails alike its message comes first) and sets the exit code."""
+    main = os.environ["RANK"] == "0"
+    try:
+        target(*args)
+    except UserError as exc:
+        code = getattr(exc, "exit_code", EXIT_USER_ERROR)
+        if not main:
+            time.sleep(RANK_GRACE_S)
+        errors.put((code, str(exc) if main else f"(rank {os.environ['RANK']}) {exc}"))
+        sys.exit(code)
+
+
+def spawn_run(target: Callable[..., Any], n: int, *args: Any) -> None:
+    """``target(*args)`` in ``n`` ranks on this machine (see ``spawn``); a failed rank
+    becomes the parent's UserError (Interrupted for a signal) with its exit code."""
+    code, message = spawn(run_rank, n, target, args)
+    if code:
+        error = (Interrupted(message, code - 128) if code > 128 and message else
+                 UserError(message or f"a training process failed (exit code {code}); see "
+                                      "its output above"))
+        error.exit_code = code
+        raise error
 
 
 def close() -> None:

@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI turns them into one message and a non-zero exit."""
 
+EXIT_USER_ERROR = 2  # the exit code of every error a user can fix (as argparse's)
+
 # In a multi-process job, a rank other than 0 waits this long before reporting its error,
 # so that when rank 0 fails alike its message comes first and the launcher stops the rest.
 RANK_GRACE_S = 3.0

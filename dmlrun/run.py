@@ -1,6 +1,10 @@
 """One run: build from config, train, select on validation, test once, write the folder.
 
 ``run(cfg, run_dir)`` is what the CLI and the tests call; it returns the summary dict.
+It reads top to bottom as the run goes: check the config and build what trains (no data
+yet), load the data, resume if asked, fit, test the best epoch once, write plots and
+summary. The run folder's files are written by ``recorder.Recorder``; several processes
+are managed by ``distributed``.
 """
 
 from __future__ import annotations
@@ -9,282 +13,52 @@ import contextlib
 import json
 import logging
 import platform
-import random
 import signal
+import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+import torchvision
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dmlrun import checkpoint, distributed, plots
+from dmlrun import __version__, components, distributed, plots
 from dmlrun.components import (
     build,
     build_components,
     build_partial,
+    check_types,
     choice,
     has_target,
     resolve_amp,
     resolve_device,
     seed_everything,
 )
-from dmlrun.config import RUN_MARKERS
-from dmlrun.data.dataset import Split
+from dmlrun.data.dataset import Split, TensorDataset
 from dmlrun.data.samplers import Epoch
 from dmlrun.distributed import Ranks
-from dmlrun.errors import RANK_GRACE_S, ConfigError, Interrupted, UserError
+from dmlrun.errors import ConfigError, Interrupted
 from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
+from dmlrun.losses.base import MetricLoss
+from dmlrun.miners.base import Miner
+from dmlrun.recorder import Recorder, TrainingState, check_new_run_dir, check_resumable
 from dmlrun.semi import SemiSupervision, pick_labeled
-from dmlrun.train import STEP_FIELDS, StepConfig, fit
+from dmlrun.train import StepConfig, fit
 
 log = logging.getLogger("dmlrun")
 
 COLLAPSE_RATIO = 0.01  # class distances this small a fraction of the start: collapsed
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's
-
-
 SPECIALISATIONS = ("loss_miner", "loss_miner_optimizer")  # config.yaml's optional groups
 
 
-def specialisations(cfg: DictConfig) -> list[str]:
-    """The shipped specialisation files (e.g. loss_miner/triplet_hard.yaml) that Hydra
-    applied to this run's combination of groups."""
-    found = []
-    for group in SPECIALISATIONS:
-        name = choice(cfg, group)
-        if (resources.files("dmlrun.configs") / group / f"{name}.yaml").is_file():
-            found.append(f"{group}/{name}.yaml")
-    return found
-
-
-def _guard_run_dir(run_dir: Path) -> None:
-    """Refuse to train into a folder that already holds a run's results."""
-    taken = [p for p in RUN_MARKERS if (run_dir / p).exists()]
-    if taken:
-        raise UserError(
-            f"run folder {run_dir} already holds a run ({', '.join(taken)}); refusing to "
-            "overwrite it. Choose another folder with hydra.run.dir=<dir>."
-        )
-
-
-received: dict[str, int] = {}
-
-
-def _catch_signals():
-    """SIGINT/SIGTERM set a flag the training loop reads before each step, so the run
-    stops between steps with its checkpoints intact. Returns a function that restores the
-    previous handlers. (Signals can only be caught in the main thread.)"""
-    received.clear()
-
-    def note(signum, _frame):
-        received["signal"] = signum
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # not possible outside the main thread (e.g. a launcher's worker thread)
-        with contextlib.suppress(ValueError):
-            old[sig] = signal.signal(sig, note)
-
-    def restore() -> None:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-    return restore
-
-
-def _guard_resume(run_dir: Path, resume: Path) -> None:
-    """A resumed run continues in its own folder, from last.pt, and only if unfinished."""
-    if resume.resolve() != run_dir.resolve():
-        raise UserError(f"trainer.resume={resume} but the run folder is {run_dir}; resume "
-                        "writes into the folder it continues (leave hydra.run.dir unset)")
-    if not (resume / "checkpoints" / "last.pt").is_file():
-        raise UserError(f"trainer.resume={resume}: no checkpoints/last.pt there to continue "
-                        "from")
-    if (resume / "summary.json").exists():
-        raise UserError(f"trainer.resume={resume}: that run has finished (summary.json); "
-                        "nothing to resume. Start a new run instead.")
-
-
-CONFIG_KEYS_FREE_ON_RESUME = ("trainer", "paths", "hydra")
-
-
-def _resume_state(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
-    """last.pt of the run to continue, after checking the config matches its own."""
-    state = checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
-    now = OmegaConf.to_container(cfg, resolve=True)
-    then = state["config"]
-    differ = sorted(k for k in set(now) | set(then)
-                    if k not in CONFIG_KEYS_FREE_ON_RESUME and now.get(k) != then.get(k))
-    t_now, t_then = now["trainer"], then["trainer"]
-    differ += [f"trainer.{k}" for k in ("max_epochs", "channels_last", "amp")
-               if t_now.get(k) != t_then.get(k)]
-    if differ:
-        raise ConfigError(f"trainer.resume: the config differs from the run's own in "
-                          f"{', '.join(differ)}; resume with the same settings")
-    return state
-
-
-def _truncate_jsonl(path: Path, last_epoch: int) -> list[dict]:
-    """Keep the records of epochs <= ``last_epoch`` (a kill may leave later ones)."""
-    if not path.exists():
-        return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if r["epoch"] <= last_epoch]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    return rows
-
-
-def _attach_log_file(run_dir: Path) -> logging.Handler | None:
-    """Write dmlrun.log when Hydra's own logging is not doing so (plain ``run()`` calls)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return None
-    handler = logging.FileHandler(run_dir / "dmlrun.log")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logging.getLogger().addHandler(handler)
-    if logging.getLogger().level > logging.INFO:
-        logging.getLogger().setLevel(logging.INFO)
-    return handler
-
-
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """Metrics as an aligned text table, one row per model."""
-    cols = [c for c in METRIC_NAMES if any(c in r for r in rows.values())]
-    head = f"{'':<12}" + "".join(f"{c:>15}" for c in cols)
-    lines = [head] + [f"{name:<12}" + "".join(f"{r.get(c, float('nan')):>15.4f}" for c in cols)
-                      for name, r in rows.items()]
-    return "\n".join(lines)
-
-
-def versions() -> dict[str, str]:
-    import hydra
-    import torchvision
-
-    from dmlrun import __version__
-
-    return {"dmlrun": __version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "hydra": hydra.__version__,
-            "python": platform.python_version()}
-
-
-def _semi_supervision(cfg: DictConfig, data, sampler, run_dir: Path) -> SemiSupervision | None:
-    """With ``dataset.labeled_per_class`` set: hide the other training labels (the chosen
-    indices go to labeled_indices.json) and set up the ``semi`` method, if any."""
-    per_class = cfg.dataset.get("labeled_per_class")
-    method_node = cfg.semi.get("method")
-    if per_class is None:
-        if method_node is not None:
-            raise ConfigError(f"semi={choice(cfg, 'semi')} needs unlabeled images: set "
-                              "dataset.labeled_per_class=<n> (e.g. 10)")
-        return None
-    if getattr(sampler, "yields", None):
-        raise ConfigError("semi-supervised runs draw P x K batches: use sampler=pk")
-    try:
-        labeled = pick_labeled(data.train.labels, int(per_class), int(cfg.seed))
-    except ValueError as exc:
-        raise ConfigError(f"dataset.labeled_per_class={per_class}: {exc}") from exc
-    with open(run_dir / "labeled_indices.json", "w") as f:
-        json.dump({"seed": int(cfg.seed), "labeled_per_class": int(per_class),
-                   "indices": labeled.tolist()}, f)
-    method = build(method_node, f"semi={choice(cfg, 'semi')}") if method_node else None
-    log.info("semi-supervised: %d labeled training images, %d unlabeled; method %s",
-             len(labeled), len(data.train) - len(labeled), method_node and
-             method_node._target_.rsplit(".", 1)[-1])
-    s = cfg.semi
-    return SemiSupervision(data.train.labels, labeled, data.num_classes, sampler, method,
-                           int(s.get("warmup_epochs", 0)), int(s.get("refresh_every", 1)),
-                           int(s.get("p", 10)), int(s.get("k", 25)))
-
-
-def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
-    """The model's parameters, plus the loss's own (proxies, beta) at ``loss.param_lr``
-    when set."""
-    groups: list[dict] = [{"params": list(model.parameters())}]
-    own = [p for p in loss_fn.parameters() if p.requires_grad]
-    if own:
-        lr = getattr(loss_fn, "param_lr", None)
-        groups.append({"params": own, **({"lr": float(lr)} if lr is not None else {})})
-    return groups
-
-
-def _devices(cfg: DictConfig) -> int | None:
-    """``trainer.devices``: None for "auto" (as many processes as were started), else the
-    number of processes to train with."""
-    devices = cfg.trainer.get("devices", "auto")
-    if devices == "auto":
-        return None
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ConfigError(f"trainer.devices must be auto or a number >= 1, got {devices!r}")
-    return devices
-
-
-def _guard(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> Path:
-    """Rank 0 checks the run folder; every rank gets its path, or rank 0's refusal."""
-    problem = None
-    if ranks.main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.trainer.get("resume"):
-                _guard_resume(run_dir, Path(str(cfg.trainer.resume)))
-            else:
-                _guard_run_dir(run_dir)
-        except UserError as exc:
-            problem = str(exc)
-    run_dir, problem = distributed.broadcast((run_dir, problem))
-    if problem:
-        raise UserError(problem)
-    return run_dir
-
-
-def _rank_main(config: dict, run_dir: str, choices: dict, errors: Any) -> None:
-    """One process of ``trainer.devices=N``: the run with this rank's share; rank 0 logs
-    to stdout and reports a user error to the parent."""
-    import os
-    import sys
-
-    from dmlrun import components
-
-    components.CHOICES.update(choices)
-    main = os.environ["RANK"] == "0"
-    if main:
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
-    try:
-        run(OmegaConf.create(config), run_dir)
-    except UserError as exc:
-        code = getattr(exc, "exit_code", 2)
-        if not main:  # when rank 0 fails alike, its message comes first (see cli.fail)
-            time.sleep(RANK_GRACE_S)
-        errors.put((code, str(exc) if main else f"(rank {os.environ['RANK']}) {exc}"))
-        sys.exit(code)
-
-
-def _spawn_ranks(cfg: DictConfig, run_dir: Path, n: int) -> dict[str, Any]:
-    """``trainer.devices=n`` without torchrun: start n processes on this machine, wait,
-    and return rank 0's summary."""
-    parts = validate_config(cfg)  # fail here, once, rather than in every process
-    distributed.check_divisible(parts.sampler, n, str(cfg.trainer.mining) == "local")
-    if resolve_device(str(cfg.trainer.device)).type == "cuda" and \
-            n > torch.cuda.device_count():
-        raise ConfigError(f"trainer.devices={n} but this machine has "
-                          f"{torch.cuda.device_count()} GPU(s); one process per GPU")
-    log.info("starting %d processes on this machine", n)
-    choices = {g: choice(cfg, g) for g in cfg}
-    code, message = distributed.spawn(
-        _rank_main, n, OmegaConf.to_container(cfg, resolve=True), str(run_dir), choices)
-    if code:
-        error = (Interrupted(message, code - 128) if code > 128 and message else
-                 UserError(message or f"a training process failed (exit code {code}); see "
-                                      "its output above"))
-        error.exit_code = code
-        raise error
-    with open(run_dir / "summary.json") as f:
-        return json.load(f)
+# ---------------------------------------------------------------- entry points
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
@@ -295,7 +69,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     writes ``run_dir`` and returns the summary, the others return None."""
     t_start = time.perf_counter()
     ranks = distributed.from_env()
-    wanted = _devices(cfg)
+    wanted = distributed.requested(cfg.trainer.get("devices", "auto"))
     if ranks.world == 1 and wanted is not None and wanted > 1:
         return _spawn_ranks(cfg, Path(run_dir), wanted)
     if ranks.world > 1 and wanted not in (None, ranks.world):
@@ -307,12 +81,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     level = logging.getLogger("dmlrun").level  # restored at the end
     if not ranks.main:  # rank 0 speaks for the run
         logging.getLogger("dmlrun").setLevel(logging.ERROR)
-    handler = restore = None
+    run_dir = Path(run_dir)
+    handler = None
     try:
-        run_dir = _guard(cfg, Path(run_dir), ranks)
+        distributed.on_main(lambda: _check_run_dir(cfg, run_dir), ranks)
         handler = _attach_log_file(run_dir) if ranks.main else None
-        restore = _catch_signals()
-        return _run(cfg, run_dir, t_start, ranks, device)
+        with StopSignals() as signals:
+            return _run(cfg, run_dir, t_start, ranks, device, signals)
     except Interrupted as exc:
         done = (run_dir / "checkpoints" / "last.pt").is_file()
         raise Interrupted(
@@ -321,8 +96,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
                           "No epoch had finished, so there is nothing to resume."),
             exc.exit_code - 128) from None
     finally:
-        if restore is not None:
-            restore()
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
@@ -331,9 +104,46 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
             distributed.close()
 
 
-def validate_config(cfg: DictConfig) -> Any:
-    """Every check that needs no data: ranges, choices, and whether the parts fit. Builds
-    and returns the loss, miner and sampler; raises ConfigError with one message."""
+def rank_entry(config: dict, run_dir: str, choices: dict) -> None:
+    """One process of ``trainer.devices=N`` (see ``distributed.spawn_run``): the run with
+    this rank's share; rank 0 logs to stdout."""
+    components.CHOICES.update(choices)
+    if distributed.env_rank() == 0:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
+    run(OmegaConf.create(config), run_dir)
+
+
+def _spawn_ranks(cfg: DictConfig, run_dir: Path, n: int) -> dict[str, Any]:
+    """``trainer.devices=n`` without torchrun: start n processes on this machine, wait,
+    and return rank 0's summary."""
+    validate_config(cfg, n)  # fail here, once, rather than in every process
+    distributed.check_gpus(n, resolve_device(str(cfg.trainer.device)))
+    log.info("starting %d processes on this machine", n)
+    distributed.spawn_run(rank_entry, n, OmegaConf.to_container(cfg, resolve=True),
+                          str(run_dir), {g: choice(cfg, g) for g in cfg})
+    with open(run_dir / "summary.json") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- config checks
+
+
+@dataclass
+class Parts:
+    """What trains, built from config before any data loads."""
+
+    loss: MetricLoss
+    miner: Miner | None
+    sampler: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LRScheduler or None
+
+
+def check_config(cfg: DictConfig, world: int = 1) -> None:
+    """Every check of settings that needs no data and builds nothing: values present and
+    of the right type, ranges and choices, and what ``world`` processes allow."""
+    check_types(cfg)
     tcfg = cfg.trainer
     checks = [
         (int(tcfg.max_epochs) >= 1, f"trainer.max_epochs must be >= 1, got {tcfg.max_epochs}"),
@@ -351,162 +161,298 @@ def validate_config(cfg: DictConfig) -> Any:
         (int(cfg.evaluation.knn_k) >= 1, f"evaluation.knn_k must be >= 1, got "
                                          f"{cfg.evaluation.knn_k}"),
     ]
-    per_class = cfg.dataset.get("labeled_per_class")
-    if per_class is not None:
-        checks.append((int(per_class) >= 2, "dataset.labeled_per_class must be >= 2 (a class "
-                                            f"needs a positive pair), got {per_class}"))
+    checks += _semi_checks(cfg, world)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    parts = build_components(cfg)
-    n_classes = cfg.dataset.get("num_classes")
-    if n_classes is not None and hasattr(parts.sampler, "check"):
-        parts.sampler.check(int(n_classes))
-    with torch.random.fork_rng(devices=[]):  # a trial build; the run's RNG stays as it was
-        model = build(cfg.model, f"model={choice(cfg, 'model')}")
-        build_partial(cfg.optimizer, f"optimizer={choice(cfg, 'optimizer')}",
-                      model.parameters())
     resolve_device(str(tcfg.device))
     resolve_amp(tcfg.amp, torch.device("cpu"))
-    _devices(cfg)
-    return parts
 
 
-def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
-         device: torch.device) -> dict[str, Any] | None:
-    tcfg = cfg.trainer
-    seed_everything(int(cfg.seed))  # before building: losses may draw initial proxies
-    parts = validate_config(cfg)  # before any data loads
-    mining = str(tcfg.get("mining", "global"))
-    distributed.check_divisible(parts.sampler, ranks.world, mining == "local")
-    if ranks.world > 1 and cfg.dataset.get("labeled_per_class") is not None:
-        raise ConfigError("semi-supervised runs (dataset.labeled_per_class) train in one "
-                          "process for now; drop torchrun / trainer.devices")
-    amp_dtype = resolve_amp(tcfg.amp, device)
-    names = {g: choice(cfg, g) for g in ("dataset", "model", "loss", "miner", "sampler")}
-    log.info("run folder: %s", run_dir.resolve())
-    log.info("device %s, amp %s; %s", device, amp_dtype, " ".join(f"{k}={v}" for k, v in
-                                                               names.items()))
-    for path in specialisations(cfg):
-        log.info("settings for this combination from configs/%s", path)
-    if parts.miner is not None:
-        log.info("miner %r; optimizer lr %s%s", parts.miner, cfg.optimizer.get("lr"),
-                 f", warm-up over {tcfg.warmup_epochs} epoch(s)"
-                 if float(tcfg.get("warmup_epochs", 0)) > 0 else "")
-    backend = torch.distributed.get_backend() if ranks.launched else None
-    if ranks.launched:
-        log.info("%d process%s (%s), each with %d of the %d images per batch; mining %s",
-                 ranks.world, "es" if ranks.world > 1 else "", backend,
-                 parts.sampler.batch_size // ranks.world, parts.sampler.batch_size, mining)
+def _semi_checks(cfg: DictConfig, world: int) -> list[tuple[bool, str]]:
+    per_class = cfg.dataset.get("labeled_per_class")
+    method = choice(cfg, "semi")
+    if per_class is None:
+        return [(cfg.semi.get("method") is None,
+                 f"semi={method} needs unlabeled images: set dataset.labeled_per_class=<n> "
+                 "(e.g. 10)")]
+    return [
+        (int(per_class) >= 2, "dataset.labeled_per_class must be >= 2 (a class needs a "
+                              f"positive pair), got {per_class}"),
+        (not cfg.sampler.get("yields"), "semi-supervised runs draw P x K batches: use "
+                                        "sampler=pk"),
+        (not cfg.trainer.get("resume"), "trainer.resume does not support semi-supervised "
+                                        "runs yet"),
+        (world == 1, "semi-supervised runs (dataset.labeled_per_class) train in one process "
+                     "for now; drop torchrun / trainer.devices"),
+    ]
 
-    data = build(cfg.dataset, f"dataset={names['dataset']}", seed=int(cfg.seed)).to(device)
-    parts.sampler.check(data.num_classes)
-    log.info("data: %d train, %d validation, %d test images, %d classes", len(data.train),
-             len(data.val), len(data.test), data.num_classes)
 
-    model = build(cfg.model, f"model={names['model']}").to(device)
-    channels_last = bool(tcfg.channels_last) and device.type == "cpu"
-    if channels_last:
+def training_classes(cfg: DictConfig) -> int | None:
+    """How many classes the training split holds, from config alone (None: unknown)."""
+    chosen = cfg.dataset.get("train_classes")
+    if chosen is not None:
+        return len({int(c) for c in chosen})
+    n = cfg.dataset.get("num_classes")
+    return None if n is None else int(n)
+
+
+def _classes_per_batch(cfg: DictConfig) -> None:
+    """With ``dataset.train_classes`` fewer than the default ``sampler.p``, P follows the
+    training classes (said in the log); a P the user set stays, and is checked."""
+    n = training_classes(cfg)
+    p = cfg.sampler.get("p")
+    if cfg.dataset.get("train_classes") is None or p is None or n is None or int(p) <= n:
+        return
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    if any(o.split("=")[0].lstrip("+~") == "sampler.p" for o in overrides):
+        return
+    cfg.sampler.p = n
+    log.info("sampler.p=%d: the %d training classes of dataset.train_classes", n, n)
+
+
+def validate_config(cfg: DictConfig, world: int = 1,
+                    device: torch.device | None = None) -> Parts:
+    """``check_config``, then build everything that needs no data (loss, miner, sampler,
+    model, optimizer, scheduler; the model on ``device``) and check they fit together.
+    Raises ConfigError with one message."""
+    check_config(cfg, world)
+    _classes_per_batch(cfg)
+    comps = build_components(cfg)
+    n_classes = training_classes(cfg)
+    if n_classes is not None and hasattr(comps.sampler, "check"):
+        comps.sampler.check(n_classes)
+    distributed.check_divisible(comps.sampler, world,
+                                str(cfg.trainer.get("mining", "global")) == "local")
+    device = device or torch.device("cpu")
+    model = build(cfg.model, f"model={choice(cfg, 'model')}").to(device)
+    if bool(cfg.trainer.channels_last) and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = parts.loss.to(device)
-    n_classes = getattr(loss_fn, "num_classes", None)
+    loss = comps.loss.to(device)
+    optimizer = build_partial(cfg.optimizer, f"optimizer={choice(cfg, 'optimizer')}",
+                              param_groups(model, loss))
+    scheduler = build_partial(cfg.scheduler, f"scheduler={choice(cfg, 'scheduler')}",
+                              optimizer) if has_target(cfg.scheduler) else None
+    return Parts(loss, comps.miner, comps.sampler, model, optimizer, scheduler)
+
+
+def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
+    """The model's parameters, plus the loss's own (proxies, beta) at ``loss.param_lr``
+    when set."""
+    groups: list[dict] = [{"params": list(model.parameters())}]
+    own = [p for p in loss_fn.parameters() if p.requires_grad]
+    if own:
+        lr = getattr(loss_fn, "param_lr", None)
+        groups.append({"params": own, **({"lr": float(lr)} if lr is not None else {})})
+    return groups
+
+
+def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """A new run needs a folder without results; a resumed one, its own unfinished one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.get("resume"):
+        check_resumable(Path(str(cfg.trainer.resume)), run_dir)
+    else:
+        check_new_run_dir(run_dir)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Context:
+    """What the steps of one run share."""
+
+    cfg: DictConfig
+    run_dir: Path
+    ranks: Ranks
+    device: torch.device
+    parts: Parts
+    data: TensorDataset
+    amp_dtype: torch.dtype | None
+    names: dict[str, str]
+    logger: Any  # a loggers.TensorBoardLogger on the main process, or None
+
+
+def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: torch.device,
+         signals: StopSignals) -> dict[str, Any] | None:
+    seed_everything(int(cfg.seed))  # before building: losses may draw initial proxies
+    parts = validate_config(cfg, ranks.world, device)  # before any data loads
+    names = {g: choice(cfg, g) for g in ("dataset", "model", "loss", "miner", "sampler")}
+    amp_dtype = resolve_amp(cfg.trainer.amp, device)
+    _log_start(cfg, run_dir, ranks, device, parts, amp_dtype, names)
+    logger = (build_partial(cfg.logger, f"logger={choice(cfg, 'logger')}", run_dir)
+              if has_target(cfg.get("logger")) and ranks.main else None)
+    ctx = Context(cfg, run_dir, ranks, device, parts, _load_data(cfg, names, parts, device),
+                  amp_dtype, names, logger)
+    semi = _semi_supervision(cfg, ctx.data, parts.sampler, run_dir)
+    training = TrainingState(parts.model, parts.loss, parts.optimizer, parts.scheduler,
+                             torch.Generator().manual_seed(int(cfg.seed)))
+    recorder = Recorder(run_dir, str(cfg.trainer.monitor),
+                        OmegaConf.to_container(cfg, resolve=True))
+    evaluator = Evaluator(parts.model, parts.loss.distance, int(cfg.evaluation.knn_k),
+                          int(cfg.seed), int(cfg.trainer.eval_batch_size), ctx.amp_dtype)
+    baselines = (evaluator.baselines(ctx.data.test)
+                 if cfg.evaluation.baselines and ranks.main else {})
+    start, done = 1, []
+    if cfg.trainer.get("resume"):
+        start, done = recorder.restore(cfg, training, device, ranks.main)
+        log.info("resuming %s after epoch %d (best epoch %d)", run_dir, start - 1,
+                 recorder.best["epoch"])
+    validation = Validation(evaluator, ctx.data.val, ranks.main,
+                            bool(cfg.trainer.epoch_plots), device)
+    history = done + _fit(ctx, semi, training, recorder, validation, signals, start)
+    if not ranks.main:
+        return None
+    best_state = recorder.best_state(device)
+    parts.model.load_state_dict(best_state["model"])
+    test_emb, test = evaluator(ctx.data.test.images, ctx.data.test.labels)
+    if logger is not None:
+        logger.log_embedding(test_emb, ctx.data.test.labels, ctx.data.test.images)
+        logger.close()
+    _write_plots(ctx, history, recorder, validation, test_emb, test)
+    return _write_summary(ctx, history, recorder, best_state, test_emb, test, baselines,
+                          time.perf_counter() - t_start)
+
+
+def _load_data(cfg: DictConfig, names: dict[str, str], parts: Parts,
+               device: torch.device) -> TensorDataset:
+    data = build(cfg.dataset, f"dataset={names['dataset']}", seed=int(cfg.seed)).to(device)
+    train_classes = len(torch.unique(data.train.labels))
+    parts.sampler.check(train_classes)
+    n_classes = getattr(parts.loss, "num_classes", None)
     if isinstance(n_classes, int) and int(data.train.labels.max()) >= n_classes:
         raise ConfigError(
             f"loss={names['loss']} has {n_classes} class proxies but the labels go up to "
-            f"{int(data.train.labels.max())}; set loss.num_classes={data.num_classes}"
-        )
-    optimizer = build_partial(cfg.optimizer, f"optimizer={choice(cfg, 'optimizer')}",
-                              param_groups(model, loss_fn))
-    scheduler = build_partial(cfg.scheduler, f"scheduler={choice(cfg, 'scheduler')}",
-                              optimizer) if has_target(cfg.scheduler) else None
-    distance = parts.loss.distance
-    sampler_rng = torch.Generator().manual_seed(int(cfg.seed))
-    semi = _semi_supervision(cfg, data, parts.sampler, run_dir)
-    train_split = data.train if semi is None else Split(data.train.images, semi.labels)
+            f"{int(data.train.labels.max())}; set loss.num_classes={data.num_classes}")
+    log.info("data: %d train, %d validation, %d test images; %d classes in training, %d in "
+             "test", len(data.train), len(data.val), len(data.test), train_classes,
+             len(torch.unique(data.test.labels)))
+    return data
 
-    ckpt_dir = run_dir / "checkpoints"
-    metrics_path = run_dir / "metrics.jsonl"
-    steps_path = run_dir / "steps.jsonl"
 
-    def write_steps(epoch: int, steps: torch.Tensor) -> None:
-        with open(steps_path, "a") as f:
-            for i, row in enumerate(steps.tolist(), 1):
-                f.write(json.dumps({"epoch": epoch, "step": i,
-                                    **dict(zip(STEP_FIELDS, row, strict=True))}) + "\n")
-    monitor = str(tcfg.monitor)
-    best = {"epoch": 0, "value": float("-inf")}
-    frame_idx = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))[
-        :FRAME_POINTS].to(device)
-    frames: list[tuple[int, torch.Tensor]] = []
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
+def specialisations(cfg: DictConfig) -> list[str]:
+    """The shipped specialisation files (e.g. loss_miner/triplet_hard.yaml) that Hydra
+    applied to this run's combination of groups."""
+    found = []
+    for group in SPECIALISATIONS:
+        name = choice(cfg, group)
+        if (resources.files("dmlrun.configs") / group / f"{name}.yaml").is_file():
+            found.append(f"{group}/{name}.yaml")
+    return found
 
-    ecfg = cfg.evaluation
-    knn_k, eval_bs = int(ecfg.knn_k), int(tcfg.eval_batch_size)
 
-    def evaluate(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        emb = embed(model, images, eval_bs, amp_dtype)
-        return emb, evaluate_embeddings(emb, labels, distance, knn_k, int(cfg.seed))
+def _log_start(cfg: DictConfig, run_dir: Path, ranks: Ranks, device: torch.device,
+               parts: Parts, amp_dtype: torch.dtype | None, names: dict[str, str]) -> None:
+    log.info("run folder: %s", run_dir.resolve())
+    log.info("device %s, amp %s; %s", device, amp_dtype,
+             " ".join(f"{k}={v}" for k, v in names.items()))
+    for path in specialisations(cfg):
+        log.info("settings for this combination from configs/%s", path)
+    warmup = float(cfg.trainer.get("warmup_epochs", 0))
+    if parts.miner is not None:
+        log.info("miner %r; optimizer lr %s%s", parts.miner, cfg.optimizer.get("lr"),
+                 f", warm-up over {cfg.trainer.warmup_epochs} epoch(s)" if warmup > 0 else "")
+    if ranks.launched:
+        log.info("%d process%s (%s), each with %d of the %d images per batch; mining %s",
+                 ranks.world, "es" if ranks.world > 1 else "",
+                 torch.distributed.get_backend(), parts.sampler.batch_size // ranks.world,
+                 parts.sampler.batch_size, cfg.trainer.get("mining", "global"))
 
-    baselines = {}
-    if ecfg.baselines and ranks.main:
-        baselines["untrained"] = evaluate(data.test.images, data.test.labels)[1]
-        raw = data.test.images.flatten(1).float() / 255.0
-        baselines["raw_pixels"] = evaluate_embeddings(raw, data.test.labels, distance, knn_k,
-                                                      int(cfg.seed))
 
-    def validate(epoch: int) -> dict[str, float]:
-        if not ranks.main:  # evaluation runs once, on rank 0
+def _semi_supervision(cfg: DictConfig, data: TensorDataset, sampler: Any,
+                      run_dir: Path) -> SemiSupervision | None:
+    """With ``dataset.labeled_per_class`` set: hide the other training labels (the chosen
+    indices go to labeled_indices.json) and set up the ``semi`` method, if any."""
+    per_class = cfg.dataset.get("labeled_per_class")
+    if per_class is None:
+        return None
+    try:
+        labeled = pick_labeled(data.train.labels, int(per_class), int(cfg.seed))
+    except ValueError as exc:
+        raise ConfigError(f"dataset.labeled_per_class={per_class}: {exc}") from exc
+    with open(run_dir / "labeled_indices.json", "w") as f:
+        json.dump({"seed": int(cfg.seed), "labeled_per_class": int(per_class),
+                   "indices": labeled.tolist()}, f)
+    method_node = cfg.semi.get("method")
+    method = build(method_node, f"semi={choice(cfg, 'semi')}") if method_node else None
+    log.info("semi-supervised: %d labeled training images, %d unlabeled; method %s",
+             len(labeled), len(data.train) - len(labeled), method_node and
+             method_node._target_.rsplit(".", 1)[-1])
+    s = cfg.semi
+    return SemiSupervision(data.train.labels, labeled, data.num_classes, sampler, method,
+                           int(s.get("warmup_epochs", 0)), int(s.get("refresh_every", 1)),
+                           int(s.get("p", 10)), int(s.get("k", 25)))
+
+
+class Evaluator:
+    """Embeds with the run's model and grades with the run's distance."""
+
+    def __init__(self, model: torch.nn.Module, distance: Any, knn_k: int, seed: int,
+                 batch_size: int, amp_dtype: torch.dtype | None) -> None:
+        self.model, self.distance, self.knn_k, self.seed = model, distance, knn_k, seed
+        self.batch_size, self.amp_dtype = batch_size, amp_dtype
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(N, D) embeddings of (N, C, H, W) uint8 images, and every metric on them."""
+        emb = embed(self.model, images, self.batch_size, self.amp_dtype)
+        return emb, evaluate_embeddings(emb, labels, self.distance, self.knn_k, self.seed)
+
+    def baselines(self, split: Split) -> dict[str, dict[str, float]]:
+        """The metrics of the untrained model and of raw pixels on ``split``."""
+        raw = split.images.flatten(1).float() / 255.0
+        return {"untrained": self(split.images, split.labels)[1],
+                "raw_pixels": evaluate_embeddings(raw, split.labels, self.distance,
+                                                  self.knn_k, self.seed)}
+
+
+class Validation:
+    """Validation after each epoch, on the main process only; keeps a fixed sample of
+    validation embeddings per epoch for the per-epoch frames."""
+
+    def __init__(self, evaluator: Evaluator, split: Split, main: bool, keep_frames: bool,
+                 device: torch.device) -> None:
+        self.evaluator, self.split, self.main, self.keep_frames = (evaluator, split, main,
+                                                                   keep_frames)
+        self.frame_idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(
+            0))[:FRAME_POINTS].to(device)
+        self.frames: list[tuple[int, torch.Tensor]] = []
+
+    def __call__(self, epoch: int) -> dict[str, float]:
+        if not self.main:
             return {}
-        emb, metrics = evaluate(data.val.images, data.val.labels)
-        if tcfg.epoch_plots:
-            frames.append((epoch, emb[frame_idx].cpu()))
+        emb, metrics = self.evaluator(self.split.images, self.split.labels)
+        if self.keep_frames:
+            self.frames.append((epoch, emb[self.frame_idx].cpu()))
         return metrics
 
-    patience = tcfg.get("early_stopping_patience")
-    first_neg_distance: dict[str, float] = {}
 
-    logger = (build_partial(cfg.logger, f"logger={choice(cfg, 'logger')}", run_dir)
-              if has_target(cfg.get("logger")) and ranks.main else None)
+class EpochEnd:
+    """After each epoch: the main process checkpoints and records it, logs it with the
+    loss's warnings, and decides on early stopping; every process follows."""
 
-    def on_epoch_end(record: dict) -> bool:
-        """Checkpoint, log; return True to stop early."""
-        if semi is not None and semi.quality:
-            record.update(semi.quality)
+    def __init__(self, recorder: Recorder, training: TrainingState,
+                 semi: SemiSupervision | None, logger: Any, patience: int | None,
+                 ranks: Ranks) -> None:
+        self.recorder, self.training, self.semi, self.logger = recorder, training, semi, logger
+        self.patience, self.ranks = patience, ranks
+
+    def __call__(self, record: dict) -> bool:
+        """Returns True to stop early."""
+        return distributed.broadcast(self._main(record) if self.ranks.main else False)
+
+    def _main(self, record: dict) -> bool:
+        if self.semi is not None and self.semi.quality:
+            record.update(self.semi.quality)
+            q = self.semi.quality
             log.info("epoch %d: pseudo-labels %.1f%% right on unlabeled images; kept %.1f%% "
-                     "of them, %.1f%% right", record["epoch"], 100 * semi.quality[
-                         "pseudo_accuracy"], 100 * semi.quality["pseudo_kept_fraction"],
-                     100 * semi.quality["pseudo_kept_accuracy"])
-        value = record[f"val_{monitor}"]
-        state = {
-            "epoch": record["epoch"],
-            "model": model.state_dict(),
-            "loss": loss_fn.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "sampler_rng": sampler_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "config": config_dict,
-            "metrics": record,
-        }
-        if value > best["value"]:
-            best.update(epoch=record["epoch"], value=value)
-            checkpoint.save_checkpoint(ckpt_dir / "best.pt", state)
-        checkpoint.save_checkpoint(ckpt_dir / "last.pt", {**state, "best": dict(best)})
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if logger is not None:
-            logger.log_epoch(record)
-        reference = first_neg_distance.setdefault("value", record["first_neg_distance"])
-        if record["neg_distance"] < COLLAPSE_RATIO * reference:
-            log.warning(
-                "epoch %d: the embeddings have collapsed: the mean distance between classes "
-                "is %.3g, %.2g%% of the untrained network's %.3g. Lower optimizer.lr, mine "
-                "in small, growing pools (miner.pool_k=2 miner.grow=true) or use "
-                "miner=semihard.",
-                record["epoch"], record["neg_distance"],
-                100 * record["neg_distance"] / reference, reference)
-        for warning in loss_fn.epoch_warnings(record, reference):
+                     "of them, %.1f%% right", record["epoch"], 100 * q["pseudo_accuracy"],
+                     100 * q["pseudo_kept_fraction"], 100 * q["pseudo_kept_accuracy"])
+        self.recorder.save(record, self.training)
+        if self.logger is not None:
+            self.logger.log_epoch(record)
+        for warning in self._warnings(record):
             log.warning("epoch %d: %s", record["epoch"], warning)
         log.info(
             "epoch %d: loss %.4g, %.0f tuples/step (%.0f%% active), val P@1 %.4f, MAP@R %.4f, "
@@ -514,112 +460,121 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
             record["train_loss"], record["tuples_per_step"], 100 * record["active_fraction"],
             record["val_precision_at_1"], record["val_map_at_r"], record["samples_per_s"],
             record["epoch_seconds"], record["pos_distance"], record["neg_distance"])
-        if patience is not None and record["epoch"] - best["epoch"] >= int(patience):
-            log.info("early stop: no val %s gain for %d epochs", monitor, int(patience))
+        best = self.recorder.best["epoch"]
+        if self.patience is not None and record["epoch"] - best >= self.patience:
+            log.info("early stop: no val %s gain for %d epochs", self.recorder.monitor,
+                     self.patience)
             return True
         return False
 
-    def on_epoch_end_all(record: dict) -> bool:
-        """Rank 0 writes the epoch and decides whether to stop; every rank follows."""
-        return distributed.broadcast(on_epoch_end(record) if ranks.main else False)
+    def _warnings(self, record: dict) -> list[str]:
+        reference = self.recorder.first_neg_distance
+        found = []
+        if record["neg_distance"] < COLLAPSE_RATIO * reference:
+            found.append(
+                f"the embeddings have collapsed: the mean distance between classes is "
+                f"{record['neg_distance']:.3g}, "
+                f"{100 * record['neg_distance'] / reference:.2g}% of the untrained network's "
+                f"{reference:.3g}. Lower optimizer.lr, mine in small, growing pools "
+                "(miner.pool_k=2 miner.grow=true) or use miner=semihard.")
+        return found + self.training.loss.epoch_warnings(record, reference)
 
-    nonfinite = str(tcfg.get("nonfinite", "stop"))
-    step_cfg = StepConfig(amp_dtype, channels_last, int(tcfg.log_every),
-                          tcfg.progress_bar if ranks.main else False,
-                          float(cfg.semi.get("unlabeled_weight", 1.0)), nonfinite,
-                          lambda: received.get("signal"), ranks.world, mining,
+
+def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
+         recorder: Recorder, validation: Validation, signals: StopSignals,
+         start: int) -> list[dict]:
+    """Train epochs ``start..max_epochs``; returns their records."""
+    cfg, ranks, parts, data = ctx.cfg, ctx.ranks, ctx.parts, ctx.data
+    tcfg = cfg.trainer
+    step_cfg = StepConfig(ctx.amp_dtype, bool(tcfg.channels_last) and ctx.device.type == "cpu",
+                          int(tcfg.log_every), tcfg.progress_bar if ranks.main else False,
+                          float(cfg.semi.get("unlabeled_weight", 1.0)),
+                          str(tcfg.get("nonfinite", "stop")), signals.received, ranks.world,
+                          str(tcfg.get("mining", "global")),
                           float(tcfg.get("warmup_epochs", 0.0)))
+    eval_bs = int(tcfg.eval_batch_size)
     if semi is None:
         def next_epoch() -> Epoch:
             # every rank draws the same global epoch and keeps its slice of each batch
-            return distributed.shard(parts.sampler.epoch(data.train.labels, sampler_rng),
-                                     ranks)
+            return distributed.shard(parts.sampler.epoch(data.train.labels,
+                                                         training.sampler_rng), ranks)
+        train_split = data.train
     else:
         def next_epoch() -> Epoch:
-            return semi.next_epoch(lambda: embed(model, data.train.images, eval_bs, amp_dtype),
-                                   sampler_rng)
-    start_epoch, done = 1, []
-    if tcfg.get("resume"):
-        if semi is not None:
-            raise ConfigError("trainer.resume does not support semi-supervised runs yet")
-        state = _resume_state(cfg, run_dir, device)
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state.get("loss", {}))
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        sampler_rng.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        best.update(state["best"])
-        start_epoch = int(state["epoch"]) + 1
-    if tcfg.get("resume") and ranks.main:
-        done = _truncate_jsonl(metrics_path, start_epoch - 1)
-        if not done or done[-1]["epoch"] != start_epoch - 1:  # killed before the line
-            done.append(state["metrics"])
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(state["metrics"]) + "\n")
-        _truncate_jsonl(steps_path, start_epoch - 1)
-        first_neg_distance["value"] = done[0]["first_neg_distance"]
-        log.info("resuming %s after epoch %d (best epoch %d)", run_dir, start_epoch - 1,
-                 best["epoch"])
-    train_model = model
+            return semi.next_epoch(lambda: embed(parts.model, data.train.images, eval_bs,
+                                                 ctx.amp_dtype), training.sampler_rng)
+        train_split = Split(data.train.images, semi.labels)
+    patience = tcfg.get("early_stopping_patience")
+    on_epoch_end = EpochEnd(recorder, training, semi, ctx.logger,
+                            None if patience is None else int(patience), ranks)
+    model = parts.model
     if ranks.launched:  # averages gradients over ranks during backward
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    history = done + fit(train_model, loss_fn, parts.miner, optimizer, scheduler, next_epoch,
-                         train_split, validate, on_epoch_end_all, int(tcfg.max_epochs),
-                         step_cfg, start_epoch=start_epoch,
-                         on_steps=write_steps if ranks.main else None)
-    if not ranks.main:
-        return None
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return fit(model, parts.loss, parts.miner, parts.optimizer, parts.scheduler, next_epoch,
+               train_split, validation, on_epoch_end, int(tcfg.max_epochs), step_cfg,
+               start_epoch=start, on_steps=recorder.write_steps if ranks.main else None)
 
-    # Test once, with the model chosen on validation.
-    if best["epoch"] == 0:
-        raise UserError(
-            f"no epoch gave finite validation metrics (the model diverged), so there is no "
-            f"best checkpoint to test; lower optimizer.lr. Per-epoch records: {metrics_path}")
-    best_state = checkpoint.load_checkpoint(ckpt_dir / "best.pt", map_location=device)
-    model.load_state_dict(best_state["model"])
-    test_emb, test = evaluate(data.test.images, data.test.labels)
-    if logger is not None:
-        logger.log_embedding(test_emb, data.test.labels, data.test.images)
-        logger.close()
-    best_val = {k[4:]: v for k, v in best_state["metrics"].items() if k.startswith("val_")}
-    log.info("best epoch %d (val %s %.4f); test P@1 %.4f, MAP@R %.4f", best["epoch"], monitor,
-             best["value"], test["precision_at_1"], test["map_at_r"])
 
-    plot_dir = run_dir / "plots"
-    rows = {"trained": test, **baselines}
-    log.info("test metrics:\n%s", format_table(rows))
-    points, how = plots.project_2d(test_emb, str(ecfg.projection), int(cfg.seed))
+# ---------------------------------------------------------------- outputs
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Metrics as an aligned text table, one row per model."""
+    cols = [c for c in METRIC_NAMES if any(c in r for r in rows.values())]
+    head = f"{'':<12}" + "".join(f"{c:>15}" for c in cols)
+    lines = [head] + [f"{name:<12}" + "".join(f"{r.get(c, float('nan')):>15.4f}" for c in cols)
+                      for name, r in rows.items()]
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    return {"dmlrun": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "hydra": hydra.__version__,
+            "python": platform.python_version()}
+
+
+def _write_plots(ctx: Context, history: list[dict], recorder: Recorder,
+                 validation: Validation, test_emb: torch.Tensor, test: dict) -> None:
+    data, names, cfg = ctx.data, ctx.names, ctx.cfg
+    plot_dir = ctx.run_dir / "plots"
+    points, how = plots.project_2d(test_emb, str(cfg.evaluation.projection), int(cfg.seed))
     plots.scatter(
         points, data.test.labels, plot_dir / "embedding.png",
-        f"{data.name} test: loss={names['loss']} miner={names['miner']} "
-        f"epoch {best['epoch']} - P@1 {test['precision_at_1']:.3f} MAP@R {test['map_at_r']:.3f}",
-        xlabel=how,
-    )
-    step_rows = [json.loads(x) for x in steps_path.read_text().splitlines() if x.strip()]
+        f"{data.name} test: loss={names['loss']} miner={names['miner']} epoch "
+        f"{recorder.best['epoch']} - P@1 {test['precision_at_1']:.3f} MAP@R "
+        f"{test['map_at_r']:.3f}", xlabel=how)
     plots.curves(history, plot_dir / "curves.png",
-                 ["precision_at_1", "map_at_r", "r_precision", "nmi"], step_rows)
+                 ["precision_at_1", "map_at_r", "r_precision", "nmi"], recorder.step_rows())
     if any("pseudo_accuracy" in h for h in history):
         plots.pseudo_labels(history, plot_dir / "pseudo_labels.png")
-    if frames:
-        plots.epoch_frames(frames, data.val.labels[frame_idx], plot_dir / "epochs",
+    if validation.frames:
+        plots.epoch_frames(validation.frames, data.val.labels[validation.frame_idx],
+                           plot_dir / "epochs",
                            f"{data.name} val: loss={names['loss']} miner={names['miner']}")
 
-    wall = time.perf_counter() - t_start
+
+def _write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_state: dict,
+                   test_emb: torch.Tensor, test: dict, baselines: dict,
+                   wall: float) -> dict[str, Any]:
+    cfg, ranks, device, data = ctx.cfg, ctx.ranks, ctx.device, ctx.data
+    best = recorder.best
+    log.info("best epoch %d (val %s %.4f); test P@1 %.4f, MAP@R %.4f", best["epoch"],
+             recorder.monitor, best["value"], test["precision_at_1"], test["map_at_r"])
+    log.info("test metrics:\n%s", format_table({"trained": test, **baselines}))
     train_seconds = sum(h["train_seconds"] for h in history)
     summary = {
-        "run_dir": str(run_dir.resolve()),
-        "choices": names,
+        "run_dir": str(ctx.run_dir.resolve()),
+        "choices": ctx.names,
         "seed": int(cfg.seed),
         "tag": cfg.get("tag"),
         "embedding_dim": int(test_emb.shape[1]),
+        "train_classes": torch.unique(data.train.labels).tolist(),
+        "test_classes": torch.unique(data.test.labels).tolist(),
         "epochs": len(history),
         "best_epoch": best["epoch"],
-        "monitor": monitor,
-        "val": best_val,
+        "monitor": recorder.monitor,
+        "val": {k[4:]: v for k, v in best_state["metrics"].items() if k.startswith("val_")},
         "test": test,
         "baselines": baselines,
         "wall_seconds": wall,
@@ -627,12 +582,55 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks,
         "train_samples_per_s": sum(h["samples_per_s"] * h["train_seconds"] for h in history)
         / train_seconds,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+        "amp": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype else None,
         "processes": ranks.world,
-        **({"backend": backend, "mining": mining} if ranks.launched else {}),
+        **({"backend": torch.distributed.get_backend(),
+            "mining": str(cfg.trainer.get("mining", "global"))} if ranks.launched else {}),
         "versions": versions(),
     }
-    with open(run_dir / "summary.json", "w") as f:
+    with open(ctx.run_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
-    log.info("done in %.1fs; summary: %s", wall, run_dir / "summary.json")
+    log.info("done in %.1fs; summary: %s", wall, ctx.run_dir / "summary.json")
     return summary
+
+
+# ---------------------------------------------------------------- process plumbing
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM set ``signum``, which the training loop reads
+    before each step (``received``), so the run stops between steps with its checkpoints
+    intact. The previous handlers come back on exit. (Signals can only be caught in the
+    main thread; elsewhere, e.g. a launcher's worker thread, nothing is installed.)"""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def received(self) -> int | None:
+        return self.signum
+
+    def _note(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):
+                self._old[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _attach_log_file(run_dir: Path) -> logging.Handler | None:
+    """Write dmlrun.log when Hydra's own logging is not doing so (plain ``run()`` calls)."""
+    if HydraConfig.initialized():
+        return None
+    handler = logging.FileHandler(run_dir / "dmlrun.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    return handler

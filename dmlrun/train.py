@@ -16,7 +16,7 @@ from dmlrun import distributed
 from dmlrun.data.dataset import Split, images_to_float
 from dmlrun.data.samplers import Epoch
 from dmlrun.errors import Interrupted, UserError
-from dmlrun.losses.base import MetricLoss
+from dmlrun.losses.base import LossOutput, MetricLoss
 from dmlrun.miners.base import Miner
 from dmlrun.tuples import label_masks
 
@@ -135,9 +135,24 @@ def _finite_step(loss: torch.Tensor, *modules: nn.Module) -> bool:
     return bool(distributed.all_reduce(ok, "min"))  # every rank skips the same steps
 
 
-def _extra_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None, split: Split,
-                idx: torch.Tensor, step_cfg: StepConfig) -> torch.Tensor:
-    """The loss on a second batch of the step (``Epoch.extra``), mined the same way."""
+@dataclass
+class BatchResult:
+    """One batch of a step: the loss's output, the (global) embeddings and labels it saw,
+    the mined indices (None: every tuple of the batch) and the number mined (without a
+    miner, the number of tuples the loss was given)."""
+
+    out: LossOutput
+    emb: torch.Tensor
+    labels: torch.Tensor
+    indices: tuple[torch.Tensor, ...] | None
+    mined: torch.Tensor
+
+
+def batch_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None, split: Split,
+               idx: torch.Tensor, tuples: tuple[torch.Tensor, ...] | None,
+               step_cfg: StepConfig) -> BatchResult:
+    """Embed the images ``idx`` of ``split``, mine (or take the sampler's ``tuples``) and
+    compute the loss. With global mining the batch is every rank's."""
     x = images_to_float(split.images[idx])
     if step_cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -146,8 +161,63 @@ def _extra_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None, spli
                         enabled=step_cfg.amp_dtype is not None):
         emb = model(x)
     emb, labels = _global_batch(emb.float(), labels, step_cfg)
-    indices = miner(emb, labels).indices if miner is not None else None
-    return loss_fn.compute(emb, labels, indices).loss
+    mined = miner(emb, labels) if miner is not None else None
+    indices = mined.indices if mined is not None else tuples
+    out = loss_fn.compute(emb, labels, indices)
+    # without a miner, "mined" counts the tuples the loss was given (all of the batch's)
+    return BatchResult(out, emb, labels, indices, mined.mined if mined is not None else out.tuples)
+
+
+def _all_reduce_loss_grads(loss_fn: MetricLoss) -> None:
+    """DDP averages the model's gradients; the loss's own parameters are averaged here.
+    Every rank joins, with or without a gradient."""
+    for p in loss_fn.parameters():
+        if p.requires_grad:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = distributed.all_reduce(g, "mean")
+
+
+def _step_row(loss_fn: MetricLoss, batch: BatchResult) -> torch.Tensor:
+    """(len(STEP_FIELDS),) values of one step, on the device."""
+    out = batch.out
+    per_tuple = out.per_tuple if out.per_tuple is not None else out.loss.detach()
+    return torch.cat([torch.stack([out.loss.detach(), out.tuples, out.active,
+                                   batch.mined]).float(),
+                      batch_diagnostics(loss_fn, batch.emb.detach(), batch.labels,
+                                        batch.indices),
+                      per_tuple.float().reshape(1)])
+
+
+class _Progress:
+    """Every ``log_every`` steps: the host reads the running means, refuses a non-finite
+    loss, warns once when the miner has found nothing for a while, updates the bar."""
+
+    def __init__(self, steps: int, desc: str, step_cfg: StepConfig, mining: bool) -> None:
+        self.desc, self.cfg, self.mining, self.warned = desc, step_cfg, mining, False
+        show = step_cfg.progress_bar
+        self.bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True,
+                        disable=None if show is None else not show)
+
+    def update(self, step: int, window: torch.Tensor, zero_streak: torch.Tensor) -> None:
+        means = window.mean(0)
+        if self.cfg.per_rank:
+            means = distributed.all_reduce(means, "mean")
+        loss, tuples, _, n, pos_d, neg_d, inverted, _ = means.tolist()
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(
+                f"training loss became non-finite by step {step + 1} of {self.desc}; lower "
+                "the learning rate (optimizer.lr) or check the data. The last good checkpoint "
+                "is kept.")
+        streak = int(zero_streak)
+        if streak >= NO_MINING_STEPS and not self.warned:
+            self.warned = True
+            log.warning(
+                "%s: the miner has found no tuples for %d steps, so the loss is zero and "
+                "nothing trains; loosen the miner (a larger margin, another miner) or use "
+                "miner=none", self.desc, streak)
+        self.bar.set_postfix(loss=f"{loss:.4g}", tuples=f"{tuples:.0f}",
+                             mined=f"{n:.0f}" if self.mining else "-", d_pos=f"{pos_d:.3g}",
+                             d_neg=f"{neg_d:.3g}", inverted=f"{inverted:.2f}")
 
 
 def train_epoch(
@@ -171,87 +241,49 @@ def train_epoch(
     model.train()
     device = split.labels.device
     steps = torch.zeros(len(epoch), len(STEP_FIELDS), device=device)
-    zero_streak = torch.zeros((), device=device, dtype=torch.long)
-    warned = False
-    show = step_cfg.progress_bar
-    bar = tqdm(range(len(epoch)), desc=desc, leave=False, dynamic_ncols=True,
-               disable=None if show is None else not show)
-    t0 = time.perf_counter()
     applied = torch.ones(len(epoch), dtype=torch.bool, device=device)
+    zero_streak = torch.zeros((), device=device, dtype=torch.long)
+    progress = _Progress(len(epoch), desc, step_cfg, miner is not None)
+    t0 = time.perf_counter()
     scheduled = [g["lr"] for g in optimizer.param_groups]
-    for step in bar:
+    for step in progress.bar:
         if signum := _stop_signal(step_cfg, step, device):
             raise Interrupted(f"stopped by signal {signum} at step {step + 1} of {desc}",
                               signum)
-        idx = epoch.indices[step]
-        x = images_to_float(split.images[idx])
-        if step_cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        labels = split.labels[idx]
-        with torch.autocast(device.type, dtype=step_cfg.amp_dtype,
-                            enabled=step_cfg.amp_dtype is not None):
-            emb = model(x)
-        emb, labels = _global_batch(emb.float(), labels, step_cfg)
+        batch = batch_loss(model, loss_fn, miner, split, epoch.indices[step], epoch.tuples,
+                           step_cfg)
         if miner is not None:
-            mined = miner(emb, labels)
-            indices, n_mined = mined.indices, mined.mined
-            zero_streak = torch.where(n_mined == 0, zero_streak + 1, 0)
-        else:
-            indices, n_mined = epoch.tuples, torch.zeros((), device=device)
-        out = loss_fn.compute(emb, labels, indices)
-        total = out.loss
+            zero_streak = torch.where(batch.mined == 0, zero_streak + 1, 0)
+        total = batch.out.loss
         if epoch.extra is not None:
-            total = total + step_cfg.extra_weight * _extra_loss(
-                model, loss_fn, miner, split, epoch.extra[step], step_cfg)
+            total = total + step_cfg.extra_weight * batch_loss(
+                model, loss_fn, miner, split, epoch.extra[step], None, step_cfg).out.loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if step_cfg.world > 1:  # DDP averages the model's gradients; these are the loss's
-            for p in loss_fn.parameters():
-                if p.requires_grad:  # every rank joins, with or without a gradient
-                    g = p.grad if p.grad is not None else torch.zeros_like(p)
-                    p.grad = distributed.all_reduce(g, "mean")
+        if step_cfg.world > 1:
+            _all_reduce_loss_grads(loss_fn)
         if step_cfg.nonfinite == "skip" and not _finite_step(total, model, loss_fn):
             applied[step] = False
             log.warning("%s step %d: non-finite loss or gradient; step skipped", desc,
                         step + 1)
             optimizer.zero_grad(set_to_none=True)
             continue
-        if step_cfg.warmup_epochs > 0:
-            warm = warmup_factor(step_cfg.warmup_epochs, epoch_no, step, len(epoch))
-            for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
-                group["lr"] = lr * warm
+        warm = warmup_factor(step_cfg.warmup_epochs, epoch_no, step, len(epoch))
+        for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
+            group["lr"] = lr * warm
         optimizer.step()
-        per_tuple = out.per_tuple if out.per_tuple is not None else out.loss.detach()
-        steps[step] = torch.cat([torch.stack([out.loss.detach(), out.tuples, out.active,
-                                              n_mined]).float(),
-                                 batch_diagnostics(loss_fn, emb.detach(), labels, indices),
-                                 per_tuple.float().reshape(1)])
+        steps[step] = _step_row(loss_fn, batch)
         if (step + 1) % step_cfg.log_every == 0 or step + 1 == len(epoch):
-            window = steps[: step + 1][applied[: step + 1]]
-            means = window.mean(0)
-            if step_cfg.per_rank:
-                means = distributed.all_reduce(means, "mean")
-            loss_so_far, tuples, _, n, pos_d, neg_d, inverted, _ = means.tolist()
-            if not math.isfinite(loss_so_far):
-                raise NonFiniteLoss(
-                    f"training loss became non-finite by step {step + 1} of {desc}; lower the "
-                    "learning rate (optimizer.lr) or check the data. The last good checkpoint "
-                    "is kept."
-                )
-            streak = int(zero_streak)
-            if streak >= NO_MINING_STEPS and not warned:
-                warned = True
-                log.warning(
-                    "%s: the miner has found no tuples for %d steps, so the loss is zero and "
-                    "nothing trains; loosen the miner (a larger margin, another miner) or use "
-                    "miner=none", desc, streak)
-            bar.set_postfix(loss=f"{loss_so_far:.4g}", tuples=f"{tuples:.0f}",
-                            mined=f"{n:.0f}" if miner is not None else "-",
-                            d_pos=f"{pos_d:.3g}", d_neg=f"{neg_d:.3g}",
-                            inverted=f"{inverted:.2f}")
+            progress.update(step, steps[: step + 1][applied[: step + 1]], zero_streak)
     for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
         group["lr"] = lr  # the epoch scheduler continues from its own rate
-    seconds = time.perf_counter() - t0
+    return _epoch_stats(steps, applied, time.perf_counter() - t0, epoch, step_cfg, desc,
+                        miner is not None)
+
+
+def _epoch_stats(steps: torch.Tensor, applied: torch.Tensor, seconds: float, epoch: Epoch,
+                 step_cfg: StepConfig, desc: str, mining: bool) -> dict:
+    """The epoch's record fields from its per-step values (skipped steps left out)."""
     if step_cfg.per_rank:
         steps = distributed.all_reduce(steps, "mean")  # rank means; "applied" agrees (DDP)
     applied = applied.cpu()
@@ -267,8 +299,8 @@ def train_epoch(
         "tuples_per_step": tuples,
         "active_per_step": active,
         "active_fraction": active / tuples if tuples else 0.0,
-        "mined_per_step": mined if miner is not None else tuples,
-        "no_mining_steps": int((column(steps, "mined") == 0).sum()) if miner is not None else 0,
+        "mined_per_step": mined,
+        "no_mining_steps": int((column(steps, "mined") == 0).sum()) if mining else 0,
         "pos_distance": pos_d,
         "neg_distance": neg_d,
         "inverted_fraction": inverted,

@@ -134,8 +134,10 @@ def test_proxy_run_trains_proxies_and_writes_diagnostics(tmp_path, data_dir):
     assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.01 * groups[0]["lr"] / 1e-3)
     steps = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert [(s["epoch"], s["step"]) for s in steps] == [(e, i) for e in (1, 2) for i in range(1, 5)]
-    assert all(s["tuples"] == 2500 and s["mined"] == 0 and s["loss"] > 0 for s in steps)
+    # no miner: "mined" is what the loss was given, in both files
+    assert all(s["tuples"] == 2500 and s["mined"] == 2500 and s["loss"] > 0 for s in steps)
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["mined_per_step"] == 2500 and rec["no_mining_steps"] == 0
     assert rec["neg_distance"] == pytest.approx(sum(s["neg_distance"] for s in steps[4:]) / 4)
 
 

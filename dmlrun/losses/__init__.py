@@ -1,13 +1,14 @@
 """Metric losses. All share one contract: ``loss(embeddings (B, D), labels (B,),
 indices=None) -> scalar``; ``loss.compute(...)`` also returns tuple counts.
 
-Adding a loss: subclass ``MetricLoss`` (or ``PairLoss`` for a per-pair formula, or
-``ProxyLoss`` for class proxies), write ``_compute``, set ``accepts`` (the tuples it can
+Adding a loss: subclass ``MetricLoss`` (or ``PairLoss`` for a per-pair formula,
+``TripletFamilyLoss`` for a per-triplet formula, ``ProxyLoss`` for class proxies), write
+``_compute`` (or ``pair_losses`` / ``triplet_losses``), set ``accepts`` (the tuples it can
 take from a miner) and ``distances`` (the distances its formula is meant for), then add
 ``configs/loss/<name>.yaml`` with its ``_target_`` and an experiment recipe.
 """
 
-from dmlrun.losses.base import LossOutput, MetricLoss, PairLoss
+from dmlrun.losses.base import LossOutput, MetricLoss, PairLoss, TripletFamilyLoss
 from dmlrun.losses.contrastive import ContrastiveLoss
 from dmlrun.losses.lifted import LiftedStructureLoss
 from dmlrun.losses.lmnn import LMNNLoss
@@ -23,5 +24,5 @@ __all__ = [
     "ArcFaceLoss", "ContrastiveLoss", "CosFaceLoss", "LMNNLoss", "LiftedStructureLoss",
     "LossOutput", "MarginLoss", "MetricLoss", "MultiSimilarityLoss", "NPairsLoss",
     "NTXentLoss", "PairLoss", "ProxyAnchorLoss", "ProxyLoss", "ProxyNCALoss", "SupConLoss",
-    "TripletLoss",
+    "TripletFamilyLoss", "TripletLoss",
 ]

@@ -138,6 +138,30 @@ class PairLoss(MetricLoss):
         return self.reduce(torch.cat([pos_loss, neg_loss]), embeddings)
 
 
+class TripletFamilyLoss(MetricLoss):
+    """A loss that is a function of each triplet's anchor-positive and anchor-negative
+    distances. Subclasses write ``triplet_losses``; mined triplets are indexed, and with no
+    indices every valid triplet of the batch is used, computed densely on the (B, B, B)
+    grid (no index lists)."""
+
+    accepts = ("triplets",)
+
+    def triplet_losses(self, d_ap: torch.Tensor, d_an: torch.Tensor) -> torch.Tensor:
+        """Per-triplet losses from anchor-positive and anchor-negative distances (any
+        matching shapes)."""
+        raise NotImplementedError
+
+    def _compute(self, embeddings, labels, indices) -> LossOutput:
+        dist = self.distance.pairwise(embeddings, embeddings)
+        if indices is None:
+            pos, neg = label_masks(labels)
+            valid = pos[:, :, None] & neg[:, None, :]
+            grid = self.triplet_losses(dist[:, :, None], dist[:, None, :])
+            return self.reduce(grid[valid], embeddings)
+        a, p, n = indices
+        return self.reduce(self.triplet_losses(dist[a, p], dist[a, n]), embeddings)
+
+
 def pair_masks(
     labels: torch.Tensor, indices: tuple[torch.Tensor, ...] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

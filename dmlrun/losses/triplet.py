@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dmlrun.distances import Distance
-from dmlrun.losses.base import LossOutput, MetricLoss
-from dmlrun.tuples import label_masks
+from dmlrun.losses.base import TripletFamilyLoss
 
 INVERTED = ("hinge", "push")
 # A triplet loss at its margin is collapsing (not merely early in training) when the
@@ -15,7 +14,7 @@ INVERTED = ("hinge", "push")
 SHRINK_RATIO = 0.5
 
 
-class TripletLoss(MetricLoss):
+class TripletLoss(TripletFamilyLoss):
     """Per triplet ``max(0, D(a, p) - D(a, n) + margin)``.
 
     ``inverted`` says what a triplet whose negative is closer than its positive
@@ -35,7 +34,6 @@ class TripletLoss(MetricLoss):
     the batch is used (computed densely on the (B, B, B) grid, no index lists).
     """
 
-    accepts = ("triplets",)
     distance_params = ("margin",)
 
     def __init__(
@@ -56,23 +54,11 @@ class TripletLoss(MetricLoss):
         self.soft = soft
 
     def triplet_losses(self, d_ap: torch.Tensor, d_an: torch.Tensor) -> torch.Tensor:
-        """Per-triplet losses from anchor-positive and anchor-negative distances (any
-        matching shapes)."""
         hinge = F.softplus if self.soft else torch.relu
         losses = hinge(d_ap - d_an + self.margin)
         if self.inverted == "push":
             return torch.where(d_an < d_ap, hinge(self.margin - d_an), losses)
         return losses
-
-    def _compute(self, embeddings, labels, indices) -> LossOutput:
-        dist = self.distance.pairwise(embeddings, embeddings)
-        if indices is None:
-            pos, neg = label_masks(labels)
-            valid = pos[:, :, None] & neg[:, None, :]
-            grid = self.triplet_losses(dist[:, :, None], dist[:, None, :])
-            return self.reduce(grid[valid], embeddings)
-        a, p, n = indices
-        return self.reduce(self.triplet_losses(dist[a, p], dist[a, n]), embeddings)
 
     def epoch_warnings(self, record: dict, first_neg_distance: float) -> list[str]:
         """The collapse of batch-hard (the loss at its margin with every triplet active
