@@ -3,6 +3,7 @@ before any data loads."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import random
@@ -78,6 +79,46 @@ def check_types(cfg: DictConfig) -> None:
         for name, kinds in _declared_types(str(node._target_)).items():
             if name in node:
                 _check_value(f"{key}{name}", _resolved(node, name), kinds)
+
+
+def check_appended(cfg: DictConfig) -> None:
+    """Refuse keys appended on the command line (``+trainer.foo=1``) that nothing reads:
+    a key of a ``_target_`` node must be one of its parameters (unless it takes
+    ``**kwargs``); other nodes take no new keys. Only inside a Hydra app."""
+    if not HydraConfig.initialized():
+        return
+    groups = {str(k) for k in HydraConfig.get().runtime.choices}
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0]
+        if not key.startswith("+") or key.startswith("++"):
+            continue
+        key = key[1:]
+        if key.startswith("hydra") or key in groups or "/" in key:
+            continue  # a config group appended (+experiment=...), not a key
+        *parent, name = key.split(".")
+        node = OmegaConf.select(cfg, ".".join(parent)) if parent else cfg
+        known = _parameters(node) if has_target(node) else None
+        if known is None and has_target(node):
+            continue  # takes **kwargs, or a signature that cannot be read
+        names = known if known is not None else [str(k) for k in node if str(k) != name]
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        where = ".".join(parent) or "the top level of the config"
+        raise ConfigError(
+            f"+{key}: {where} has no setting {name!r}, so the appended key would be ignored"
+            + (f"; did you mean {'.'.join([*parent, close[0]])}?" if close else
+               f"; its settings: {', '.join(sorted(names)) or 'none'}"))
+
+
+def _parameters(node: DictConfig) -> list[str] | None:
+    """The keyword parameters of a node's ``_target_``; None if it takes ``**kwargs`` or
+    its signature cannot be read."""
+    try:
+        params = inspect.signature(get_object(str(node._target_))).parameters
+    except Exception:
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [n for n in params if n != "self"]
 
 
 def _target_nodes(node: Any, prefix: str):

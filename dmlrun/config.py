@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -9,12 +10,20 @@ from omegaconf import OmegaConf
 MAX_SUFFIX = 200  # folder names stay well under the 255-byte limit
 
 
+# Characters Hydra's override grammar takes unquoted, so a run folder's path pastes into
+# ``trainer.resume=<path>`` as it is; the rest are replaced.
+FOLDER_SAFE = re.compile(r"[^A-Za-z0-9_.+@%-]")
+FOLDER_REPLACE = {"=": "-", ",": ".", "/": "-", " ": ""}
+
+
 def run_dir_suffix(override_dirname: str) -> str:
-    """Hydra's override string as a folder-name suffix: "" or "_loss=triplet,seed=1",
-    with "/" replaced and long strings cut."""
+    """Hydra's override string (``loss-triplet+seed-1``) as a folder-name suffix: "" or
+    "_loss-triplet+seed-1"; characters an override cannot hold unquoted are replaced
+    (lists ``[0,1]`` become ``0.1``) and long strings cut."""
     if not override_dirname:
         return ""
-    text = override_dirname.replace("/", "-").replace(" ", "")
+    text = "".join(FOLDER_REPLACE.get(c, c) for c in override_dirname)
+    text = FOLDER_SAFE.sub("", text.replace("[", "").replace("]", ""))
     return "_" + text[:MAX_SUFFIX]
 
 

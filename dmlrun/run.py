@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import platform
+import shlex
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from dmlrun.components import (
     build,
     build_components,
     build_partial,
+    check_appended,
     check_types,
     choice,
     has_target,
@@ -91,8 +93,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     except Interrupted as exc:
         done = (run_dir / "checkpoints" / "last.pt").is_file()
         raise Interrupted(
-            f"{exc}. " + (f"checkpoints/last.pt holds the last finished epoch; continue with "
-                          f"trainer.resume={run_dir}" if done else
+            f"{exc}. " + (f"checkpoints/last.pt holds the last finished epoch; continue with:"
+                          f"\n  {resume_command(run_dir)}" if done else
                           "No epoch had finished, so there is nothing to resume."),
             exc.exit_code - 128) from None
     finally:
@@ -102,6 +104,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
         logging.getLogger("dmlrun").setLevel(level)
         if opened:
             distributed.close()
+
+
+def resume_command(run_dir: Path) -> str:
+    """The shell command that continues the run in ``run_dir``: the same overrides, and
+    ``trainer.resume``."""
+    given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    keep = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in
+            ("trainer.resume", "hydra.run.dir")]
+    return shlex.join(["dmlrun", *keep, f"trainer.resume={run_dir}"])
 
 
 def rank_entry(config: dict, run_dir: str, choices: dict) -> None:
@@ -144,6 +155,7 @@ def check_config(cfg: DictConfig, world: int = 1) -> None:
     """Every check of settings that needs no data and builds nothing: values present and
     of the right type, ranges and choices, and what ``world`` processes allow."""
     check_types(cfg)
+    check_appended(cfg)
     tcfg = cfg.trainer
     checks = [
         (int(tcfg.max_epochs) >= 1, f"trainer.max_epochs must be >= 1, got {tcfg.max_epochs}"),

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,24 +29,31 @@ def records(run_dir):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_cleanly_and_the_run_resumes(tmp_path, data_dir, sig):
-    run_dir = tmp_path / "run"
+def test_signal_stops_cleanly_and_the_printed_command_resumes(tmp_path, data_dir, sig):
+    # the folder is named after the overrides, and the resume command is run as printed
+    out = tmp_path / "out"
     env = {**os.environ, "DMLRUN_DATA_DIR": str(DATA_DIR)}
-    proc = subprocess.Popen([sys.executable, "-m", "dmlrun", *LONG, f"hydra.run.dir={run_dir}"],
+    proc = subprocess.Popen([sys.executable, "-m", "dmlrun", *LONG, "seed=1",
+                             "dataset.train_classes=[0,1,2,3,4,5,6,7]",
+                             f"paths.output_dir={out}"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (
-            metrics.exists() and metrics.read_text().count("\n") >= 1):
+    while time.time() < deadline and proc.poll() is None and not any(
+            m.read_text().count("\n") >= 1 for m in out.glob("*/*/metrics.jsonl")):
         time.sleep(0.02)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, err[-2000:]
+    (run_dir,) = [m.parent for m in out.glob("*/*/metrics.jsonl")]
+    assert "=" not in run_dir.name and "," not in run_dir.name and "seed-1" in run_dir.name
     assert f"stopped by signal {int(sig)}" in err and f"trainer.resume={run_dir}" in err
     assert "Traceback" not in err and not (run_dir / "summary.json").exists()
     if sig == signal.SIGTERM:  # (resume itself is tested in test_resume.py)
-        res = run_cli(LONG + [f"trainer.resume={run_dir}"], cwd=tmp_path)
+        printed = err.split("continue with:\n")[1].splitlines()[0].strip()
+        args = shlex.split(printed)
+        assert args[0] == "dmlrun"
+        res = run_cli(args[1:], cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-2000:]
         assert [r["epoch"] for r in records(run_dir)] == [1, 2, 3]
 
