@@ -1,28 +1,27 @@
-"""dmlrun: a command-line experiment runner for deep metric learning."""
+"""dmlrun: a command-line experiment runner for deep metric learning.
+
+The public API: ``load_embedder`` (a trained model from a run folder) and ``Embedder``.
+They load lazily (PEP 562), deliberately: the commands' ``--help`` answers without
+importing torch.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
+
+from dmlrun import config as _config  # noqa: F401  (registers resolvers)
 
 __version__ = "0.1.0"
 
-from dmlrun import config as _config  # noqa: E402,F401  (registers resolvers)
+_LAZY = {"Embedder": "dmlrun.embedder", "load_embedder": "dmlrun.embedder"}
 
 
-def load_embedder(path: str | Path, device: str = "cpu"):
-    """Trained embedder from a run folder (its best.pt, else last.pt) or a checkpoint file.
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-    Returns the model in eval mode, mapping float images in [0, 1] of shape
-    (B, C, H, W) to (B, D); input normalisation is inside the model.
-    """
-    from hydra.utils import instantiate
-
-    from dmlrun.checkpoint import load_checkpoint, resolve_checkpoint
-
-    state = load_checkpoint(resolve_checkpoint(path), map_location=device)
-    model = instantiate(state["config"]["model"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dmlrun' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_embedder"]
+__all__ = ["Embedder", "__version__", "load_embedder"]

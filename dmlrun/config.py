@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("dmlrun_hydra_subdir", hydra_subdir)
     if not OmegaConf.has_resolver("dmlrun_suffix"):
         OmegaConf.register_new_resolver("dmlrun_suffix", run_dir_suffix)
+    if not OmegaConf.has_resolver("dmlrun_cwd"):
+        OmegaConf.register_new_resolver("dmlrun_cwd", os.getcwd)
     if not OmegaConf.has_resolver("dmlrun_if_resume"):
         OmegaConf.register_new_resolver("dmlrun_if_resume", if_resume)
 

@@ -1,58 +1,88 @@
 """``dmlrun-evaluate``: grade a trained model (run folder or checkpoint) on any configured
-dataset and split, without training."""
+dataset and split, without training. Graded as the run graded itself (same distance,
+memory layout, batch size, kNN k and clustering seed), so a run's own split gives its
+summary's numbers exactly.
+
+torch and Hydra are imported inside ``evaluate_checkpoint``, deliberately: ``--help`` and
+argument errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
-import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from dmlrun.errors import UserError
+from dmlrun.errors import EXIT_USER_ERROR, UserError
 
 SPLITS = ("test", "val", "train")
 
 
-def _dataset_node(ckpt_config: dict, overrides: list[str]):
+def data_root(stored: dict[str, Any], overrides: list[str]) -> str | None:
+    """The data root to read: one given in ``overrides`` (``paths.data_dir=`` or
+    ``dataset.root=``) first, then ``DMLRUN_DATA_DIR``, then the run's own, a relative one
+    taken from the folder the run started in. None when the run's dataset root was set
+    apart from the data root (an image folder): that one is kept."""
+    given = [o for o in overrides if o.startswith(("paths.data_dir=", "dataset.root="))]
+    if given:
+        return None  # applied as given with the other overrides
+    paths, dataset = stored.get("paths", {}), stored.get("dataset", {})
+    if dataset.get("root") not in (None, paths.get("data_dir")):
+        root = Path(str(dataset["root"]))
+    elif os.environ.get("DMLRUN_DATA_DIR"):
+        return os.environ["DMLRUN_DATA_DIR"]
+    else:
+        root = Path(str(paths.get("data_dir", "data")))
+    if not root.is_absolute():
+        root = Path(str(paths.get("root_dir", "."))) / root
+    return str(root)
+
+
+def _dataset_node(config: dict, overrides: list[str]) -> DictConfig:
     """The run's dataset config with ``overrides`` applied; ``dataset=<name>`` swaps in a
     shipped dataset config (composed like the CLI does)."""
-    bad = [o for o in overrides if not (o.startswith("dataset=") or o.startswith("dataset.")
-                                        or o.startswith("paths."))]
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    import dmlrun.config  # noqa: F401  (resolvers)
+
+    bad = [o for o in overrides if not o.startswith(("dataset=", "dataset.", "paths."))]
     if bad:
         raise UserError(f"only dataset and paths settings can be changed here, got {bad}")
+    root = data_root(config, overrides)
     if any(o.startswith("dataset=") for o in overrides):
-        from hydra import compose, initialize_config_module
-        from hydra.errors import HydraException
-
-        import dmlrun.config  # noqa: F401
-
+        extra = [f"paths.data_dir={root}"] if root is not None else []
         try:
             with initialize_config_module(config_module="dmlrun.configs", version_base="1.3"):
-                cfg = compose(config_name="config", overrides=overrides)
+                cfg = compose(config_name="config", overrides=[*overrides, *extra])
         except HydraException as exc:
             raise UserError(str(exc)) from exc
         return cfg.dataset
-    base = OmegaConf.create({"dataset": ckpt_config["dataset"], "paths": ckpt_config["paths"]})
+    extra = [f"dataset.root={root}"] if root is not None else []
+    given = [o.replace("paths.data_dir=", "dataset.root=") for o in overrides]
+    base = OmegaConf.create({"dataset": config["dataset"], "paths": config["paths"]})
     try:
-        return OmegaConf.merge(base, OmegaConf.from_dotlist(overrides)).dataset
+        return OmegaConf.merge(base, OmegaConf.from_dotlist([*extra, *given])).dataset
     except Exception as exc:
         raise UserError(f"bad override in {overrides}: {exc}") from exc
 
 
 def evaluate_checkpoint(
     path: str | Path, overrides: list[str] | None = None, split: str = "test",
-    device: str = "cpu", batch_size: int = 2048,
+    device: str = "auto",
 ) -> dict:
-    """Metrics (leave-one-out on ``split``) of the model in ``path``; returns a dict with
-    the metrics and what was evaluated."""
-    from hydra.utils import instantiate
+    """Metrics (leave-one-out on ``split``) of the model in ``path``, graded with the
+    run's own settings; returns a dict with the metrics and what was evaluated."""
+    import torch
 
     from dmlrun import load_embedder
     from dmlrun.checkpoint import load_checkpoint, resolve_checkpoint
-    from dmlrun.components import build
+    from dmlrun.components import build, resolve_device
     from dmlrun.evaluate import embed, evaluate_embeddings
 
     if split not in SPLITS:
@@ -60,38 +90,57 @@ def evaluate_checkpoint(
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
     config = state["config"]
-    node = _dataset_node(config, list(overrides or []))
-    data = build(node, "dataset", seed=int(config.get("seed", 0)))
+    data = build(_dataset_node(config, list(overrides or [])), "dataset",
+                 seed=int(config.get("seed", 0)))
     part = getattr(data, split)
-    model = load_embedder(ckpt, device=device)
-    distance = instantiate(config["loss"]["distance"]) if isinstance(
-        config["loss"].get("distance"), dict) else None
-    emb = embed(model, part.images, batch_size)
-    knn_k = int(config.get("evaluation", {}).get("knn_k", 5))
-    metrics = evaluate_embeddings(emb, part.labels.to(emb.device), distance, knn_k)
+    dev = resolve_device(device)
+    model = load_embedder(ckpt, device=str(dev))
+    trainer = config.get("trainer", {})
+    if trainer.get("channels_last", False) and dev.type == "cpu":  # as the run embedded
+        model = model.to(memory_format=torch.channels_last)
+    emb = embed(model, part.images, int(trainer.get("eval_batch_size", 2048)))
+    evaluation = config.get("evaluation", {})
+    metrics = evaluate_embeddings(emb, part.labels.to(emb.device), model.distance,
+                                  int(evaluation.get("knn_k", 5)), int(config.get("seed", 0)))
     return {"checkpoint": str(ckpt), "epoch": state.get("epoch"), "dataset": data.name,
             "split": split, "n": len(part), "metrics": metrics}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="dmlrun-evaluate",
-        description="Evaluate a trained dmlrun model on a dataset split (leave-one-out "
-                    "retrieval and clustering metrics).")
-    parser.add_argument("path", help="run folder (uses checkpoints/best.pt) or checkpoint file")
-    parser.add_argument("overrides", nargs="*",
-                        help="dataset settings, e.g. dataset=fashion_mnist dataset.test_size=2000")
-    parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", help="also write the result as JSON to this new file")
-    args = parser.parse_args(argv)
+        description="Grade a trained dmlrun model on a dataset split: leave-one-out "
+                    "retrieval (P@1, R@K, R-precision, MAP@R, kNN accuracy) and clustering "
+                    "(NMI, AMI), with the run's own distance and settings.",
+        epilog="examples:\n"
+               "  dmlrun-evaluate outputs/2026-11-26/10-00-00\n"
+               "  dmlrun-evaluate outputs/2026-11-26/10-00-00 --split val --output val.json\n"
+               "  dmlrun-evaluate outputs/2026-11-26/10-00-00 dataset=fashion_mnist\n"
+               "data root: paths.data_dir=<dir> here, else DMLRUN_DATA_DIR, else the run's.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a run folder (its checkpoints/best.pt, else last.pt) or a "
+                                "checkpoint file")
+    p.add_argument("overrides", nargs="*",
+                   help="dataset and paths settings, e.g. dataset=fashion_mnist "
+                        "dataset.test_size=2000 paths.data_dir=/data")
+    p.add_argument("--split", default="test", choices=SPLITS,
+                   help="which split of the dataset to grade (default: test)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
+    p.add_argument("--output", help="also write the result as JSON to this file (which must "
+                                    "not exist yet)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         if args.output and Path(args.output).exists():
             raise UserError(f"{args.output} exists; refusing to overwrite it")
         result = evaluate_checkpoint(args.path, args.overrides, args.split, args.device)
     except UserError as exc:
         print(f"dmlrun-evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     print(f"{result['dataset']} {result['split']} ({result['n']} images), "
           f"{result['checkpoint']} (epoch {result['epoch']})")
     for k, v in result["metrics"].items():

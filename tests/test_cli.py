@@ -232,7 +232,7 @@ def test_sweep_2x2x3_summary_matches_hand_computation(tmp_path, data_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = sorted((tmp_path / "multirun").glob("*/*/*/summary.json"))
     assert len(summaries) == 12
-    assert all("loss=" in p.parent.name and "seed=" in p.parent.name for p in summaries)
+    assert all("loss-" in p.parent.name and "seed-" in p.parent.name for p in summaries)
     (sweep,) = {p.parent.parent for p in summaries}
     by_group: dict = {}
     for p in summaries:

@@ -96,3 +96,95 @@ def test_the_documented_class_disjoint_command_works(tmp_path, data_dir):
     res = run_cli([*QUICK, "dataset.train_classes=[0,1,2,3,4]", "sampler.p=6",
                    f"hydra.run.dir={tmp_path / 'p6'}"], cwd=tmp_path)
     assert res.returncode == 2 and "sampler.p=6" in res.stderr
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path):
+    from dmlrun.data.idx import load_idx_dataset
+    from dmlrun.errors import UserError
+
+    class Offline:
+        """Makes <root>/Offline/raw as torchvision does, then fails like a lost network."""
+
+        def __init__(self, root, train, download):
+            (tmp_path / "data" / "sub" / "Offline" / "raw").mkdir(parents=True, exist_ok=True)
+            raise RuntimeError("Error downloading: no network")
+
+    with pytest.raises(UserError, match="no network"):
+        load_idx_dataset(Offline, str(tmp_path / "data" / "sub"), "offline", 100, None, None,
+                         True, 0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def relative_run(tmp_path_factory):
+    """A tiny run started in one folder with a relative data root (as CI's ../shared/data)."""
+    from tests.conftest import DATA_DIR
+
+    base = tmp_path_factory.mktemp("rel")
+    start = base / "a" / "b"
+    start.mkdir(parents=True)
+    rel = os.path.relpath(DATA_DIR, start)
+    res = run_cli([*QUICK, f"hydra.run.dir={base / 'run'}"], cwd=start,
+                  env_extra={"DMLRUN_DATA_DIR": rel})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return base / "run"
+
+
+def evaluate_cli(args, cwd, env_extra=None):
+    import sys
+
+    env = {"DMLRUN_DATA_DIR": ""} if env_extra is None else env_extra
+    return run_cli(args, cwd=cwd, exe=[sys.executable, "-m", "dmlrun.evaluate_cli"],
+                   env_extra={"CUDA_VISIBLE_DEVICES": "", **env})
+
+
+def test_evaluate_reads_the_data_root_in_order(relative_run, tmp_path, data_dir):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # the run's own relative root, read from the folder the run started in
+    res = evaluate_cli([str(relative_run), "--output", str(tmp_path / "a.json")], elsewhere)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # the environment before the stored root
+    res = evaluate_cli([str(relative_run)], elsewhere, {"DMLRUN_DATA_DIR": str(tmp_path)})
+    assert res.returncode == 2 and str(tmp_path / "MNIST" / "raw") in res.stderr
+    # an explicit root before both
+    res = evaluate_cli([str(relative_run), f"paths.data_dir={data_dir}"], elsewhere,
+                       {"DMLRUN_DATA_DIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_evaluate_gives_the_runs_own_numbers_exactly(relative_run, tmp_path):
+    summary = json.loads((relative_run / "summary.json").read_text())
+    for split in ("test", "val"):
+        out = tmp_path / f"{split}.json"
+        res = evaluate_cli([str(relative_run), "--split", split, "--output", str(out)],
+                           tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(out.read_text())["metrics"] == summary[split], split
+
+
+def test_evaluate_help_is_quick_and_complete():
+    import subprocess
+    import sys
+
+    code = ("import sys, dmlrun.evaluate_cli as e; p = e.parser(); "
+            "print('torch' in sys.modules, all(a.help for a in p._actions))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+def test_embedder_takes_uint8_or_unit_floats_and_refuses_the_rest(relative_run):
+    import dmlrun
+    from dmlrun.distances import EuclideanDistance
+
+    model = dmlrun.load_embedder(relative_run)
+    assert isinstance(model.distance, EuclideanDistance) and model.normalize is False
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model(images), model(images.float() / 255))
+    with pytest.raises(ValueError, match="divide by 255"):
+        model(images.float())
+    with pytest.raises(ValueError, match="uint8"):
+        model(images.long())
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        model(images[:, :, 0])

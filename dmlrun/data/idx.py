@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,11 +27,17 @@ def _missing(raw_dir: Path) -> list[str]:
 
 
 def _try_download(dataset_cls, root: Path) -> str | None:
-    """Let torchvision fetch the files; return the failure reason, or None on success."""
+    """Let torchvision fetch the files; return the failure reason, or None on success.
+    A failed download removes the folders it created (``<root>/<Name>/raw``), so a
+    failed load leaves nothing behind."""
+    raw = root / dataset_cls.__name__ / "raw"
+    created = [p for p in (raw, *raw.parents) if not p.exists()]
     try:
         for train in (True, False):
             dataset_cls(str(root), train=train, download=True)
     except Exception as exc:  # no network, proxy, disk: all mean "provide the files"
+        for path in created:  # deepest first; only what this attempt made
+            shutil.rmtree(path, ignore_errors=True)
         return f"{type(exc).__name__}: {exc}".strip()
     return None
 

@@ -1,0 +1,73 @@
+"""A trained model, ready to embed outside dmlrun: ``load_embedder(run folder)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from dmlrun.checkpoint import load_checkpoint, resolve_checkpoint
+from dmlrun.data.dataset import images_to_float
+from dmlrun.distances import Distance, EuclideanDistance
+
+
+class Embedder(nn.Module):
+    """(B, C, H, W) images -> (B, D) embeddings, as the run saw them: uint8 (0-255), or
+    floats in [0, 1]; anything else is refused (floats in 0-255 would give garbage, since
+    the model's input normalisation expects [0, 1]).
+
+    ``distance`` is the run's own distance (``distance.pairwise(a, b)``, and
+    ``distance.normalize``: whether embeddings are L2-normalised before distances), so
+    that users grade with the run's metric, e.g. ``dmlrun.evaluate(q, ql, r, rl,
+    distance=embedder.distance)``."""
+
+    def __init__(self, model: nn.Module, distance: Distance, in_channels: int | None = None
+                 ) -> None:
+        super().__init__()
+        self.model = model
+        self.distance = distance
+        self.in_channels = in_channels
+
+    @property
+    def normalize(self) -> bool:
+        """True when the run's distance L2-normalises embeddings first."""
+        return bool(getattr(self.distance, "normalize", False))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.as_input(images))
+
+    def as_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Check ``images`` and return them as floats in [0, 1]."""
+        if images.ndim != 4 or (self.in_channels and images.shape[1] != self.in_channels):
+            raise ValueError(f"expected images (B, {self.in_channels or 'C'}, H, W), got "
+                             f"shape {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            return images_to_float(images)
+        if not images.is_floating_point():
+            raise ValueError(f"expected uint8 images (0-255) or floats in [0, 1], got "
+                             f"{images.dtype}")
+        lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"expected float images in [0, 1] (or uint8 0-255), got values in "
+                f"[{lo:.4g}, {hi:.4g}]" + ("; divide by 255 first" if hi > 1.5 else ""))
+        return images.float()
+
+
+def load_embedder(path: str | Path, device: str = "cpu") -> Embedder:
+    """Trained embedder from a run folder (its best.pt, else last.pt) or a checkpoint file.
+
+    Returns an ``Embedder`` in eval mode: uint8 or [0, 1] float images (B, C, H, W) ->
+    (B, D) embeddings (input normalisation is inside the model), with the run's
+    ``distance``."""
+    state = load_checkpoint(resolve_checkpoint(path), map_location=device)
+    config = state["config"]
+    model = instantiate(config["model"])
+    model.load_state_dict(state["model"])
+    node = config.get("loss", {}).get("distance")
+    distance = instantiate(node) if isinstance(node, dict) and "_target_" in node else \
+        EuclideanDistance()
+    channels = config["model"].get("in_channels")
+    return Embedder(model, distance, int(channels) if channels else None).to(device).eval()
