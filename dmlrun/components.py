@@ -20,6 +20,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dmlrun.adapters import ConventionLoss, ConventionMiner
 from dmlrun.errors import ConfigError, UserError
 from dmlrun.losses.base import MetricLoss
 from dmlrun.miners.base import Miner
@@ -202,12 +203,36 @@ def build_partial(node: DictConfig, what: str, *args: Any) -> Any:
 
 def build_components(cfg: DictConfig) -> Components:
     """Loss, miner and sampler from config, checked for compatibility."""
-    loss = build(cfg.loss, f"loss={choice(cfg, 'loss')}")
-    miner = build(cfg.miner, f"miner={choice(cfg, 'miner')}") if has_target(cfg.miner) else None
+    loss = adopt_loss(build(cfg.loss, f"loss={choice(cfg, 'loss')}"), choice(cfg, "loss"))
+    miner = adopt_miner(build(cfg.miner, f"miner={choice(cfg, 'miner')}"),
+                        choice(cfg, "miner")) if has_target(cfg.miner) else None
     sampler = build(cfg.sampler, f"sampler={choice(cfg, 'sampler')}")
     parts = Components(loss, miner, sampler)
     check_compatible(cfg, parts)
     return parts
+
+
+def adopt_loss(loss: Any, name: str) -> MetricLoss:
+    """Ours as it is; a module called as pytorch-metric-learning's losses are, wrapped."""
+    if isinstance(loss, MetricLoss):
+        return loss
+    if isinstance(loss, torch.nn.Module):
+        return ConventionLoss(loss)
+    raise ConfigError(f"loss={name} built a {type(loss).__name__}, which is not a loss: give "
+                      "a MetricLoss or an nn.Module called as loss(embeddings, labels, "
+                      "indices_tuple)")
+
+
+def adopt_miner(miner: Any, name: str) -> Miner:
+    """Ours as it is; a callable that mines as pytorch-metric-learning's miners do, wrapped."""
+    if isinstance(miner, Miner):
+        return miner
+    if callable(miner):
+        try:
+            return ConventionMiner(miner)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ConfigError(f"miner={name}: cannot use it as a miner: {exc}") from exc
+    raise ConfigError(f"miner={name} built a {type(miner).__name__}, which is not a miner")
 
 
 def check_compatible(cfg: DictConfig, parts: Components) -> None:
