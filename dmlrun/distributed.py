@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from dmlrun.data.samplers import Epoch
 from dmlrun.errors import EXIT_USER_ERROR, RANK_GRACE_S, ConfigError, Interrupted, UserError
@@ -61,6 +62,7 @@ def _scheduler_to_torch_env() -> None:
     if "RANK" in os.environ:
         return
     if os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):
+        # deliberately here: submitit is optional (the [sweep] extra), needed only in its jobs
         from submitit import JobEnvironment
         from submitit.helpers import TorchDistributedEnvironment
 
@@ -182,8 +184,6 @@ def spawn(target: Callable[..., Any], n: int, *args: Any) -> tuple[int, str | No
     exits. Waits for all. When one fails, the others are stopped. Returns (the first
     non-zero exit code or 0, the first message put on the queue). SIGINT and SIGTERM
     received here are passed on, so the ranks stop together between steps."""
-    import torch.multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()

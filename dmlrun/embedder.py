@@ -13,7 +13,7 @@ from dmlrun.data.dataset import images_to_float
 from dmlrun.distances import Distance, EuclideanDistance
 
 
-class Embedder(nn.Module):
+class TrainedEmbedder(nn.Module):
     """(B, C, H, W) images -> (B, D) embeddings, as the run saw them: uint8 (0-255), or
     floats in [0, 1]; anything else is refused (floats in 0-255 would give garbage, since
     the model's input normalisation expects [0, 1]).
@@ -56,11 +56,11 @@ class Embedder(nn.Module):
         return images.float()
 
 
-def load_embedder(path: str | Path, device: str = "cpu") -> Embedder:
+def load_embedder(path: str | Path, device: str = "cpu") -> TrainedEmbedder:
     """Trained embedder from a run folder (its best.pt, else last.pt) or a checkpoint file.
 
-    Returns an ``Embedder`` in eval mode: uint8 or [0, 1] float images (B, C, H, W) ->
-    (B, D) embeddings (input normalisation is inside the model), with the run's
+    Returns a ``TrainedEmbedder`` in eval mode: uint8 or [0, 1] float images
+    (B, C, H, W) -> (B, D) embeddings (input normalisation is inside the model), with the run's
     ``distance``."""
     state = load_checkpoint(resolve_checkpoint(path), map_location=device)
     config = state["config"]
@@ -70,4 +70,5 @@ def load_embedder(path: str | Path, device: str = "cpu") -> Embedder:
     distance = instantiate(node) if isinstance(node, dict) and "_target_" in node else \
         EuclideanDistance()
     channels = config["model"].get("in_channels")
-    return Embedder(model, distance, int(channels) if channels else None).to(device).eval()
+    embedder = TrainedEmbedder(model, distance, int(channels) if channels else None)
+    return embedder.to(device).eval()

@@ -16,8 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+import dmlrun.config  # noqa: F401  (resolvers)
 from dmlrun.errors import EXIT_USER_ERROR, UserError
 
 SPLITS = ("test", "val", "train")
@@ -46,11 +49,6 @@ def data_root(stored: dict[str, Any], overrides: list[str]) -> str | None:
 def _dataset_node(config: dict, overrides: list[str]) -> DictConfig:
     """The run's dataset config with ``overrides`` applied; ``dataset=<name>`` swaps in a
     shipped dataset config (composed like the CLI does)."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-
-    import dmlrun.config  # noqa: F401  (resolvers)
-
     bad = [o for o in overrides if not o.startswith(("dataset=", "dataset.", "paths."))]
     if bad:
         raise UserError(f"only dataset and paths settings can be changed here, got {bad}")

@@ -20,7 +20,7 @@ class TensorBoardLogger:
 
     def __init__(self, run_dir: str | Path, subdir: str = "tensorboard",
                  projector_points: int = 2000) -> None:
-        try:
+        try:  # deliberately here: tensorboard is an optional dependency
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise ConfigError("logger=tensorboard needs the tensorboard package: "

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
 
 Limits = tuple[float, float, float, float]
 
@@ -26,7 +27,7 @@ def project_2d(
     if x.shape[1] == 1:
         return torch.cat([x, torch.zeros_like(x)], 1), ""
     if method == "tsne":
-        from sklearn.manifold import TSNE
+        from sklearn.manifold import TSNE  # deliberately here: slow to import, rarely used
 
         pts = TSNE(n_components=2, init="pca", random_state=seed).fit_transform(x.numpy())
         return torch.from_numpy(pts).float(), f"t-SNE of {x.shape[1]}-D"
@@ -103,8 +104,6 @@ def epoch_frames(
         for epoch, p in projected
     ]
     if gif and len(paths) > 1:
-        from PIL import Image
-
         images = [Image.open(p).convert("P", palette=Image.Palette.ADAPTIVE) for p in paths]
         images[0].save(folder / "embedding.gif", save_all=True, append_images=images[1:],
                        duration=700, loop=0)

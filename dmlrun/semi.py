@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from dmlrun.clustering import kmeans
+from dmlrun.data.samplers import Epoch, PKSampler
 from dmlrun.distances import EuclideanDistance
 
 
@@ -183,8 +184,6 @@ class SemiSupervision:
     def __init__(self, truth: torch.Tensor, labeled: torch.Tensor, num_classes: int,
                  sampler, method=None, warmup_epochs: int = 2, refresh_every: int = 2,
                  p: int = 10, k: int = 25) -> None:
-        from dmlrun.data.samplers import PKSampler
-
         if warmup_epochs < 0 or refresh_every < 1:
             raise ValueError("need semi.warmup_epochs >= 0 and semi.refresh_every >= 1")
         self.truth, self.labeled = truth, labeled.to(truth.device)
@@ -204,8 +203,6 @@ class SemiSupervision:
     def next_epoch(self, embed_all, g: torch.Generator):
         """Draw the next epoch; ``embed_all()`` gives (N, D) embeddings of every training
         image and is called only when pseudo-labels are refreshed."""
-        from dmlrun.data.samplers import Epoch
-
         self.epoch_no += 1
         self.quality = {}
         if self.refresh_due():

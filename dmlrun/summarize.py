@@ -17,7 +17,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 from omegaconf import OmegaConf
+from scipy.stats import t
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 IGNORED_PREFIXES = ("paths.", "hydra.", "tag")
 EXCLUDED = ("trainer.progress_bar", "trainer.device")
@@ -45,8 +50,6 @@ class Group:
 
 def mean_std_ci(values: list[float]) -> tuple[int, float, float, float]:
     """n, mean, sample std (ddof 1) and the half-width of the 95% Student-t interval."""
-    from scipy.stats import t
-
     n = len(values)
     if n == 0:
         return 0, math.nan, math.nan, math.nan
@@ -123,11 +126,6 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def comparison_plot(rows: list[dict], metric: str, path: Path, label_cols: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [", ".join(str(r[c]) for c in label_cols) or "all" for r in rows]
     means = [r[f"{metric} mean"] for r in rows]
     cis = [0.0 if math.isnan(r[f"{metric} ci95"]) else r[f"{metric} ci95"] for r in rows]
@@ -148,11 +146,6 @@ def embedding_grid(runs: list[RunInfo], varying: list[str], path: Path,
                    max_runs: int = 48) -> int:
     """The finished runs' plots/embedding.png side by side, titled by their varying
     settings and seed. Returns how many were drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [r for r in runs if (r.path / "plots" / "embedding.png").is_file()][:max_runs]
     if not shown:
         return 0

@@ -224,3 +224,42 @@ def test_pytorch_metric_learning_losses_and_miners_train_as_they_are(tmp_path, d
 
     initial = ProxyAnchorLoss(num_classes=10, embedding_size=2).proxies.detach()
     assert not torch.allclose(ckpt["loss"]["inner.proxies"], initial, atol=1e-3)
+
+
+SQUARED_TRIPLET = '''
+import torch
+
+from dmlrun.losses.base import TripletFamilyLoss
+
+
+class SquaredTripletLoss(TripletFamilyLoss):
+    """max(0, D(a, p)^2 - D(a, n)^2 + margin) per triplet."""
+
+    distance_params = ("margin",)
+
+    def __init__(self, distance=None, margin: float = 1.0, reduction: str = "mean"):
+        super().__init__(distance, reduction)
+        self.margin = margin
+
+    def triplet_losses(self, d_ap, d_an):
+        return torch.relu(d_ap.pow(2) - d_an.pow(2) + self.margin)
+'''
+
+
+def test_a_triplet_family_loss_is_one_python_file_and_one_yaml(tmp_path, data_dir):
+    """As docs/architecture.md ("How to add: a triplet-family loss") says."""
+    (tmp_path / "my_losses.py").write_text(SQUARED_TRIPLET)
+    (tmp_path / "cfg" / "loss").mkdir(parents=True)
+    (tmp_path / "cfg" / "loss" / "sq_triplet.yaml").write_text(
+        "_target_: my_losses.SquaredTripletLoss\ndistance: ${distance}\nmargin: 0.5\n")
+    res = run_cli(["--config-dir", str(tmp_path / "cfg"), *QUICK, "loss=sq_triplet",
+                   "miner=semihard", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                  env_extra={"PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    steps = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert all(s["loss"] >= 0 for s in steps) and any(s["loss"] > 0 for s in steps)
+    # the margin in distance units is checked like the shipped losses'
+    res = run_cli(["--config-dir", str(tmp_path / "cfg"), *QUICK, "loss=sq_triplet",
+                   "distance=cosine", "loss.margin=3", f"hydra.run.dir={tmp_path / 'r2'}"],
+                  cwd=tmp_path, env_extra={"PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 2 and "loss.margin=3 can never be met" in res.stderr

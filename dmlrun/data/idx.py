@@ -7,6 +7,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from torchvision.datasets import MNIST, FashionMNIST
+
 from dmlrun.data.dataset import Split, TensorDataset, make_splits
 from dmlrun.errors import UserError
 
@@ -93,8 +95,6 @@ def load_mnist(
 ) -> TensorDataset:
     """MNIST digits (60k train / 10k test). Extra config keys (channels, mean, ...) are
     for the model and ignored here."""
-    from torchvision.datasets import MNIST
-
     return load_idx_dataset(MNIST, root, name, val_size, train_size, test_size, download, seed,
                             train_classes)
 
@@ -105,7 +105,5 @@ def load_fashion_mnist(
     train_classes: Sequence[int] | None = None, name: str = "fashion_mnist", **_: object,
 ) -> TensorDataset:
     """Fashion-MNIST (Zalando; 60k train / 10k test, 10 clothing classes)."""
-    from torchvision.datasets import FashionMNIST
-
     return load_idx_dataset(FashionMNIST, root, name, val_size, train_size, test_size,
                             download, seed, train_classes, FASHION_CLASSES)

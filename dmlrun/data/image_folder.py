@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dmlrun.data.dataset import Split, TensorDataset, make_splits, stratified_split
 from dmlrun.errors import UserError
@@ -15,8 +16,6 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def _read_folder(root: Path, classes: list[str], image_size: int, channels: int) -> Split:
-    from PIL import Image
-
     mode = {1: "L", 3: "RGB"}[channels]
     images, labels = [], []
     for label, name in enumerate(classes):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlrun.distances import Distance, SquaredEuclideanDistance
+from dmlrun.distances import CosineDistance, Distance, SquaredEuclideanDistance
 from dmlrun.losses.base import LossOutput, MetricLoss
 
 
@@ -91,8 +91,6 @@ class ProxyAnchorLoss(ProxyLoss):
         alpha: float = 32.0,
         param_lr: float | None = None,
     ) -> None:
-        from dmlrun.distances import CosineDistance
-
         distance = distance if distance is not None else CosineDistance()
         super().__init__(num_classes, embedding_size, distance, param_lr)
         self.margin, self.alpha = margin, alpha
