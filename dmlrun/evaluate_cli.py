@@ -81,7 +81,7 @@ def evaluate_checkpoint(
     from dmlrun import load_embedder
     from dmlrun.checkpoint import load_checkpoint, resolve_checkpoint
     from dmlrun.components import build, resolve_device
-    from dmlrun.evaluate import embed, evaluate_embeddings
+    from dmlrun.evaluate import embed_split, evaluate_embeddings
 
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
@@ -96,7 +96,7 @@ def evaluate_checkpoint(
     trainer = config.get("trainer", {})
     if trainer.get("channels_last", False) and dev.type == "cpu":  # as the run embedded
         model = model.to(memory_format=torch.channels_last)
-    emb = embed(model, part.images, int(trainer.get("eval_batch_size", 2048)))
+    emb = embed_split(model, part, int(trainer.get("eval_batch_size", 2048)))
     evaluation = config.get("evaluation", {})
     metrics = evaluate_embeddings(emb, part.labels.to(emb.device), model.distance,
                                   int(evaluation.get("knn_k", 5)), int(config.get("seed", 0)))

@@ -41,11 +41,11 @@ from dmlrun.components import (
     resolve_device,
     seed_everything,
 )
-from dmlrun.data.dataset import Split, TensorDataset
+from dmlrun.data.dataset import TensorDataset, chunks
 from dmlrun.data.samplers import Epoch
 from dmlrun.distributed import Ranks
 from dmlrun.errors import ConfigError, Interrupted
-from dmlrun.evaluate import METRIC_NAMES, embed, evaluate_embeddings
+from dmlrun.evaluate import METRIC_NAMES, embed_split, evaluate_embeddings
 from dmlrun.losses.base import MetricLoss
 from dmlrun.miners.base import Miner
 from dmlrun.recorder import Recorder, TrainingState, check_new_run_dir, check_resumable
@@ -318,9 +318,11 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: t
         return None
     best_state = recorder.best_state(device)
     parts.model.load_state_dict(best_state["model"])
-    test_emb, test = evaluator(ctx.data.test.images, ctx.data.test.labels)
+    test_emb, test = evaluator(ctx.data.test)
     if logger is not None:
-        logger.log_embedding(test_emb, ctx.data.test.labels, ctx.data.test.images)
+        shown = torch.arange(min(len(ctx.data.test), logger.projector_points))
+        logger.log_embedding(test_emb[shown], ctx.data.test.labels[shown],
+                             ctx.data.test.take(shown))
         logger.close()
     _write_plots(ctx, history, recorder, validation, test_emb, test)
     return _write_summary(ctx, history, recorder, best_state, test_emb, test, baselines,
@@ -405,16 +407,17 @@ class Evaluator:
         self.model, self.distance, self.knn_k, self.seed = model, distance, knn_k, seed
         self.batch_size, self.amp_dtype = batch_size, amp_dtype
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        """(N, D) embeddings of (N, C, H, W) uint8 images, and every metric on them."""
-        emb = embed(self.model, images, self.batch_size, self.amp_dtype)
-        return emb, evaluate_embeddings(emb, labels, self.distance, self.knn_k, self.seed)
+    def __call__(self, split: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """(N, D) embeddings of a split's images, and every metric on them."""
+        emb = embed_split(self.model, split, self.batch_size, self.amp_dtype)
+        return emb, evaluate_embeddings(emb, split.labels, self.distance, self.knn_k,
+                                        self.seed)
 
-    def baselines(self, split: Split) -> dict[str, dict[str, float]]:
+    def baselines(self, split: Any) -> dict[str, dict[str, float]]:
         """The metrics of the untrained model and of raw pixels on ``split``."""
-        raw = split.images.flatten(1).float() / 255.0
-        return {"untrained": self(split.images, split.labels)[1],
+        raw = torch.cat([x.flatten(1).float() / 255.0 for x in
+                         split.batches(chunks(len(split), self.batch_size))])
+        return {"untrained": self(split)[1],
                 "raw_pixels": evaluate_embeddings(raw, split.labels, self.distance,
                                                   self.knn_k, self.seed)}
 
@@ -423,7 +426,7 @@ class Validation:
     """Validation after each epoch, on the main process only; keeps a fixed sample of
     validation embeddings per epoch for the per-epoch frames."""
 
-    def __init__(self, evaluator: Evaluator, split: Split, main: bool, keep_frames: bool,
+    def __init__(self, evaluator: Evaluator, split: Any, main: bool, keep_frames: bool,
                  device: torch.device) -> None:
         self.evaluator, self.split, self.main, self.keep_frames = (evaluator, split, main,
                                                                    keep_frames)
@@ -434,7 +437,7 @@ class Validation:
     def __call__(self, epoch: int) -> dict[str, float]:
         if not self.main:
             return {}
-        emb, metrics = self.evaluator(self.split.images, self.split.labels)
+        emb, metrics = self.evaluator(self.split)
         if self.keep_frames:
             self.frames.append((epoch, emb[self.frame_idx].cpu()))
         return metrics
@@ -513,9 +516,9 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
         train_split = data.train
     else:
         def next_epoch() -> Epoch:
-            return semi.next_epoch(lambda: embed(parts.model, data.train.images, eval_bs,
-                                                 ctx.amp_dtype), training.sampler_rng)
-        train_split = Split(data.train.images, semi.labels)
+            return semi.next_epoch(lambda: embed_split(parts.model, data.train, eval_bs,
+                                                       ctx.amp_dtype), training.sampler_rng)
+        train_split = data.train.with_labels(semi.labels)
     patience = tcfg.get("early_stopping_patience")
     on_epoch_end = EpochEnd(recorder, training, semi, ctx.logger,
                             None if patience is None else int(patience), ranks)

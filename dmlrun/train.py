@@ -148,15 +148,15 @@ class BatchResult:
     mined: torch.Tensor
 
 
-def batch_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None, split: Split,
-               idx: torch.Tensor, tuples: tuple[torch.Tensor, ...] | None,
-               step_cfg: StepConfig) -> BatchResult:
-    """Embed the images ``idx`` of ``split``, mine (or take the sampler's ``tuples``) and
-    compute the loss. With global mining the batch is every rank's."""
-    x = images_to_float(split.images[idx])
+def batch_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None,
+               images: torch.Tensor, labels: torch.Tensor,
+               tuples: tuple[torch.Tensor, ...] | None, step_cfg: StepConfig) -> BatchResult:
+    """Embed (B, C, H, W) uint8 ``images`` with (B,) ``labels``, mine (or take the
+    sampler's ``tuples``) and compute the loss. With global mining the batch is every
+    rank's."""
+    x = images_to_float(images)
     if step_cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    labels = split.labels[idx]
     with torch.autocast(x.device.type, dtype=step_cfg.amp_dtype,
                         enabled=step_cfg.amp_dtype is not None):
         emb = model(x)
@@ -246,18 +246,21 @@ def train_epoch(
     progress = _Progress(len(epoch), desc, step_cfg, miner is not None)
     t0 = time.perf_counter()
     scheduled = [g["lr"] for g in optimizer.param_groups]
-    for step in progress.bar:
+    # images come batch by batch (from memory, or decoded ahead from files)
+    extras = split.batches(epoch.extra) if epoch.extra is not None else None
+    for step, images in zip(progress.bar, split.batches(epoch.indices), strict=True):
         if signum := _stop_signal(step_cfg, step, device):
             raise Interrupted(f"stopped by signal {signum} at step {step + 1} of {desc}",
                               signum)
-        batch = batch_loss(model, loss_fn, miner, split, epoch.indices[step], epoch.tuples,
-                           step_cfg)
+        batch = batch_loss(model, loss_fn, miner, images, split.labels[epoch.indices[step]],
+                           epoch.tuples, step_cfg)
         if miner is not None:
             zero_streak = torch.where(batch.mined == 0, zero_streak + 1, 0)
         total = batch.out.loss
-        if epoch.extra is not None:
+        if extras is not None:
             total = total + step_cfg.extra_weight * batch_loss(
-                model, loss_fn, miner, split, epoch.extra[step], None, step_cfg).out.loss
+                model, loss_fn, miner, next(extras), split.labels[epoch.extra[step]], None,
+                step_cfg).out.loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if step_cfg.world > 1:

@@ -114,3 +114,42 @@ def test_image_folder_end_to_end_run(tmp_path):
     summary = run(cfg, tmp_path / "run")
     assert summary["embedding_dim"] == 2
     assert (tmp_path / "run" / "plots" / "embedding.png").is_file()
+
+
+def save_mnist_folder(data_dir, root, per_class):
+    """The first ``per_class`` MNIST training images of each digit as PNG files."""
+    from PIL import Image
+
+    d = load_mnist(str(data_dir), val_size=100, download=False, seed=0)
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for i, img in enumerate(d.train.images[d.train.labels == c][:per_class]):
+            Image.fromarray(img[0].numpy()).save(root / str(c) / f"{i}.png")
+
+
+def test_streamed_image_folder_trains_exactly_as_in_memory(tmp_path, data_dir):
+    """The same images read per batch by DataLoader workers give the same run."""
+    from dmlrun.data.streaming import FileSplit
+    from dmlrun.run import run
+    from tests.conftest import compose_cfg
+
+    save_mnist_folder(data_dir, tmp_path / "imgs", 60)
+    d = load_image_folder(str(tmp_path / "imgs"), val_size=100, stream=True, workers=2)
+    assert isinstance(d.train, FileSplit) and len(d.train) + len(d.val) + len(d.test) == 600
+    memory = load_image_folder(str(tmp_path / "imgs"), val_size=100, stream=False)
+    idx = torch.tensor([5, 0, 17])
+    assert torch.equal(d.train.take(idx), memory.train.images[idx])
+    assert torch.equal(torch.cat(list(d.train.batches([idx, idx[:1]]))),
+                       memory.train.images[torch.cat([idx, idx[:1]])])
+    summaries = {}
+    for stream in ("true", "false"):
+        cfg = compose_cfg([
+            "dataset=image_folder", f"dataset.root={tmp_path / 'imgs'}",
+            "dataset.val_size=100", f"dataset.stream={stream}", "sampler.batches_per_epoch=3",
+            "trainer.max_epochs=2", "trainer.device=cpu", "trainer.progress_bar=false",
+            "trainer.epoch_plots=false"])
+        summaries[stream] = run(cfg, tmp_path / f"run_{stream}")
+    assert summaries["true"]["test"] == summaries["false"]["test"]
+    assert summaries["true"]["baselines"] == summaries["false"]["baselines"]
+    with pytest.raises(UserError, match="stream must be"):
+        load_image_folder(str(tmp_path / "imgs"), stream="sometimes")

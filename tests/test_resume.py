@@ -75,4 +75,9 @@ def test_resume_refuses_a_different_config(tmp_path, data_dir):
     res = run_cli(SHORT + ["loss.margin=0.5", f"trainer.resume={run_dir}"], cwd=tmp_path)
     assert res.returncode == 2 and "config differs" in res.stderr and "loss" in res.stderr
     res = run_cli(ARGS + [f"trainer.resume={tmp_path / 'nothing'}"], cwd=tmp_path)
+    assert res.returncode == 2 and "no such run folder" in res.stderr
+    assert not (tmp_path / "nothing").exists()  # refused before Hydra made the folder
+    (tmp_path / "empty").mkdir()
+    res = run_cli(ARGS + [f"trainer.resume={tmp_path / 'empty'}"], cwd=tmp_path)
     assert res.returncode == 2 and "no checkpoints/last.pt" in res.stderr
+    assert list((tmp_path / "empty").iterdir()) == []

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -12,7 +13,9 @@ from dmlrun.errors import ConfigError
 
 @dataclass
 class Split:
-    """One split: ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64, same device."""
+    """One split held in memory: ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64,
+    same device. ``FileSplit`` (data/streaming.py) offers the same methods for images read
+    from files as they are used; code that reads a split's images uses only these."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -27,16 +30,35 @@ class Split:
         index = index.to(self.labels.device)
         return Split(self.images[index], self.labels[index])
 
+    def with_labels(self, labels: torch.Tensor) -> Split:
+        """The same images with other (N,) labels (pseudo-labels)."""
+        return Split(self.images, labels)
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """(len(index), C, H, W) uint8 images, on the split's device."""
+        return self.images[index.to(self.images.device)]
+
+    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The uint8 images of each index tensor in turn (an epoch's rows, or chunks)."""
+        for index in index_batches:
+            yield self.take(index)
+
+
+def chunks(n: int, size: int) -> list[torch.Tensor]:
+    """0..n-1 in consecutive index tensors of at most ``size``."""
+    return list(torch.arange(n).split(size))
+
 
 @dataclass
 class TensorDataset:
-    """Train / validation / test splits of one dataset."""
+    """Train / validation / test splits of one dataset (each a ``Split`` or a
+    ``FileSplit``)."""
 
     name: str
     num_classes: int
-    train: Split
-    val: Split
-    test: Split
+    train: Any
+    val: Any
+    test: Any
     class_names: Sequence[str] | None = None
 
     def to(self, device: torch.device | str) -> TensorDataset:

@@ -7,31 +7,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dmlrun.data.dataset import Split, TensorDataset, make_splits, stratified_split
+from dmlrun.data.streaming import FileSplit, decode_image
 from dmlrun.errors import UserError
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def _read_folder(root: Path, classes: list[str], image_size: int, channels: int) -> Split:
-    mode = {1: "L", 3: "RGB"}[channels]
-    images, labels = [], []
+def _list_folder(root: Path, classes: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Image files under ``root/<class>/`` (sorted) and their class ids."""
+    paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in EXTENSIONS)
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    img = img.convert(mode).resize((image_size, image_size), Image.BILINEAR)
-                    arr = np.asarray(img, dtype=np.uint8)
-            except OSError as exc:
-                raise UserError(f"cannot read image {path}: {exc}") from exc
-            images.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-            labels.append(label)
-    if not images:
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    if not paths:
         raise UserError(f"no images ({', '.join(sorted(EXTENSIONS))}) under {root}")
-    return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long))
+    return paths, torch.tensor(labels, dtype=torch.long)
+
+
+def _read_folder(root: Path, classes: list[str], image_size: int, channels: int,
+                 stream: bool, workers: int) -> Split | FileSplit:
+    paths, labels = _list_folder(root, classes)
+    if stream:
+        return FileSplit(paths, labels, image_size, channels, workers)
+    return Split(torch.from_numpy(np.stack([decode_image(p, image_size, channels)
+                                            for p in paths])), labels)
+
+
+def _streams(stream: bool | str, n_images: int, image_size: int, channels: int,
+             stream_above_mb: float) -> bool:
+    if stream == "auto":
+        return n_images * channels * image_size**2 / 2**20 > stream_above_mb
+    if isinstance(stream, bool):
+        return stream
+    raise UserError(f"dataset.stream must be true, false or auto, got {stream!r}")
 
 
 def load_image_folder(
@@ -46,10 +57,15 @@ def load_image_folder(
     seed: int = 0,
     train_classes: Sequence[int] | None = None,
     name: str = "image_folder",
+    stream: bool | str = "auto",
+    stream_above_mb: float = 4096.0,
+    workers: int = 2,
     **_: object,
 ) -> TensorDataset:
-    """Load ``root/<class>/*.png`` (and so on) into memory as uint8 (N, C, S, S) images,
-    resized to ``image_size`` and converted to 1 (grey) or 3 (RGB) ``channels``.
+    """Load ``root/<class>/*.png`` (and so on) as uint8 (N, C, S, S) images, resized to
+    ``image_size`` and converted to 1 (grey) or 3 (RGB) ``channels``: into memory, or,
+    with ``stream`` (``"auto"``: when the decoded images would exceed ``stream_above_mb``),
+    read from the files per batch on ``workers`` DataLoader processes (``FileSplit``).
 
     The test set is ``test_root`` (same class folders) when given, else a stratified,
     seeded ``test_fraction`` of ``root``. Class ids follow sorted folder names.
@@ -62,7 +78,10 @@ def load_image_folder(
     classes = sorted(p.name for p in root_path.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise UserError(f"{root_path} needs at least 2 class sub-folders, found {classes}")
-    pool = _read_folder(root_path, classes, image_size, channels)
+    n_files = sum(1 for c in classes for p in (root_path / c).iterdir()
+                  if p.suffix.lower() in EXTENSIONS)
+    streamed = _streams(stream, n_files, image_size, channels, stream_above_mb)
+    pool = _read_folder(root_path, classes, image_size, channels, streamed, workers)
     if test_root is not None:
         test_path = Path(test_root).expanduser()
         extra = sorted(p.name for p in test_path.iterdir() if p.is_dir()) if \
@@ -70,7 +89,7 @@ def load_image_folder(
         if not test_path.is_dir() or set(extra) - set(classes):
             raise UserError(f"test folder {test_path} must exist and use class folders of "
                             f"{root_path}")
-        test = _read_folder(test_path, classes, image_size, channels)
+        test = _read_folder(test_path, classes, image_size, channels, streamed, workers)
     else:
         g = torch.Generator().manual_seed(seed + 1)
         test_idx, train_idx = stratified_split(pool.labels, round(len(pool) * test_fraction), g)

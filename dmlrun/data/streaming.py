@@ -1,0 +1,103 @@
+"""Images read from files as they are used, for datasets larger than memory.
+
+A ``FileSplit`` holds file paths and labels; its images are decoded per batch by
+DataLoader worker processes (into pinned memory on CUDA) while the device trains on the
+previous batch. It has the methods of an in-memory ``Split`` that the run uses (``take``,
+``batches``, ``subset``, ``with_labels``, ``to``), so the P x K sampler, the training loop
+and evaluation work unchanged; augmentation stays on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dmlrun.errors import UserError
+
+
+def decode_image(path: str | Path, image_size: int, channels: int) -> np.ndarray:
+    """One image file as uint8 (C, S, S): converted to grey (1) or RGB (3), resized."""
+    mode = {1: "L", 3: "RGB"}[channels]
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode).resize((image_size, image_size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except OSError as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from exc
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+class _Batches(Dataset):
+    """Item i: the decoded uint8 (n_i, C, S, S) images of the i-th index tensor."""
+
+    def __init__(self, paths: Sequence[str], index_batches: list[torch.Tensor],
+                 image_size: int, channels: int) -> None:
+        self.paths, self.index_batches = paths, index_batches
+        self.image_size, self.channels = image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.index_batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return decode_files([self.paths[j] for j in self.index_batches[i].tolist()],
+                            self.image_size, self.channels)
+
+
+def decode_files(paths: Sequence[str], image_size: int, channels: int) -> torch.Tensor:
+    """(len(paths), C, S, S) uint8 images, as the in-memory loader reads them."""
+    if not paths:
+        return torch.zeros(0, channels, image_size, image_size, dtype=torch.uint8)
+    return torch.from_numpy(np.stack([decode_image(p, image_size, channels) for p in paths]))
+
+
+class FileSplit:
+    """One split whose images stay on disk: ``paths`` (N,) and ``labels`` (N,) int64 on the
+    split's device; images decoded on ``workers`` DataLoader processes, ``prefetch``
+    batches ahead each."""
+
+    def __init__(self, paths: Sequence[str], labels: torch.Tensor, image_size: int,
+                 channels: int, workers: int = 2, prefetch: int = 4) -> None:
+        self.paths, self.labels = list(paths), labels
+        self.image_size, self.channels = image_size, channels
+        self.workers, self.prefetch = workers, prefetch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _like(self, paths: Sequence[str], labels: torch.Tensor) -> FileSplit:
+        return FileSplit(paths, labels, self.image_size, self.channels, self.workers,
+                         self.prefetch)
+
+    def to(self, device: torch.device | str) -> FileSplit:
+        return self._like(self.paths, self.labels.to(device))
+
+    def subset(self, index: torch.Tensor) -> FileSplit:
+        index = index.cpu()
+        return self._like([self.paths[i] for i in index.tolist()],
+                          self.labels[index.to(self.labels.device)])
+
+    def with_labels(self, labels: torch.Tensor) -> FileSplit:
+        return self._like(self.paths, labels)
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """(len(index), C, S, S) uint8 images decoded here, on the split's device."""
+        files = [self.paths[i] for i in index.cpu().tolist()]
+        return decode_files(files, self.image_size, self.channels).to(self.labels.device)
+
+    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The images of each index tensor in turn, decoded ahead by the workers and
+        copied to the device without blocking (from pinned memory on CUDA)."""
+        device = self.labels.device
+        rows = list(index_batches.cpu()) if isinstance(index_batches, torch.Tensor) else \
+            [i.cpu() for i in index_batches]  # one copy from the device, not one per row
+        data = _Batches(self.paths, rows, self.image_size, self.channels)
+        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers,
+                            pin_memory=device.type == "cuda",
+                            prefetch_factor=self.prefetch if self.workers else None)
+        for images in loader:
+            yield images.to(device, non_blocking=True)
