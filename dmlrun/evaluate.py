@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dmlrun.clustering import adjusted_mutual_info, kmeans, normalized_mutual_info
-from dmlrun.data.dataset import images_to_float
+from dmlrun.data.dataset import chunks, images_to_float
 from dmlrun.distances import CosineDistance, Distance, EuclideanDistance
 
 RECALL_KS = (1, 2, 4, 8)
@@ -37,6 +37,16 @@ def embed(
             out.append(model(x).float())
     model.train(was_training)
     return torch.cat(out)
+
+
+def embed_split(
+    model: nn.Module, split, batch_size: int = 2048, amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(N, D) float32 embeddings of a split's images (a ``Split`` in memory or a
+    ``FileSplit`` read from files), ``batch_size`` at a time, model in eval mode."""
+    parts = [embed(model, images, batch_size, amp_dtype)
+             for images in split.batches(chunks(len(split), batch_size))]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
 @torch.no_grad()
