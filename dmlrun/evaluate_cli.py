@@ -72,10 +72,13 @@ def _dataset_node(config: dict, overrides: list[str]) -> DictConfig:
 
 def evaluate_checkpoint(
     path: str | Path, overrides: list[str] | None = None, split: str = "test",
-    device: str = "auto",
+    device: str = "auto", plots_dir: str | Path | bool | None = None,
 ) -> dict:
     """Metrics (leave-one-out on ``split``) of the model in ``path``, graded with the
-    run's own settings; returns a dict with the metrics and what was evaluated."""
+    run's own settings; returns a dict with the metrics and what was evaluated. With
+    ``plots_dir`` (a new folder; True: ``default_plots_dir``), also the embedding,
+    gallery, distance, confusion and per-class plots there, and per-class metrics in the
+    result."""
     import torch
 
     from dmlrun import load_embedder
@@ -100,8 +103,41 @@ def evaluate_checkpoint(
     evaluation = config.get("evaluation", {})
     metrics = evaluate_embeddings(emb, part.labels.to(emb.device), model.distance,
                                   int(evaluation.get("knn_k", 5)), int(config.get("seed", 0)))
-    return {"checkpoint": str(ckpt), "epoch": state.get("epoch"), "dataset": data.name,
-            "split": split, "n": len(part), "metrics": metrics}
+    result = {"checkpoint": str(ckpt), "epoch": state.get("epoch"), "dataset": data.name,
+              "split": split, "n": len(part), "metrics": metrics}
+    if plots_dir is not None and plots_dir is not False:
+        out = default_plots_dir(path, data.name, split) if plots_dir is True else \
+            Path(plots_dir)
+        if out.exists():
+            raise UserError(f"{out} exists; refusing to overwrite it (--plots DIR)")
+        result["per_class"] = _plots(emb, part.to(emb.device), data, config, model.distance,
+                                     out, f"{data.name} {split}")["per_class"]
+        result["plots"] = str(out)
+    return result
+
+
+def _plots(emb, part, data, config: dict, distance, out: Path, title: str) -> dict:
+    from hydra.utils import instantiate
+
+    from dmlrun import plots, retrieval_plots
+    from dmlrun.run import loss_margin
+
+    seed = int(config.get("seed", 0))
+    classes = list(data.class_names) if data.class_names else None
+    points, how = plots.project_2d(emb, str(config.get("evaluation", {}).get(
+        "projection", "pca")), seed)
+    plots.scatter(points, part.labels, out / "embedding.png", title, class_names=classes,
+                  xlabel=how)
+    return retrieval_plots.write_all(emb, part, distance, loss_margin(instantiate(
+        config["loss"])), data.num_classes, out, title, classes, seed)
+
+
+def default_plots_dir(path: str | Path, dataset: str, split: str) -> Path:
+    """<run folder>/plots/evaluate-<dataset>-<split> (the run folder of a checkpoint file:
+    two folders up)."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent.parent
+    return run_dir / "plots" / f"evaluate-{dataset}-{split}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,6 +163,10 @@ def parser() -> argparse.ArgumentParser:
                    help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
     p.add_argument("--output", help="also write the result as JSON to this file (which must "
                                     "not exist yet)")
+    p.add_argument("--plots", nargs="?", const="", metavar="DIR",
+                   help="also draw the embedding, a retrieval gallery, distance histograms, "
+                        "nearest-neighbour confusion and per-class metrics into DIR (a new "
+                        "folder; default <run>/plots/evaluate-<dataset>-<split>)")
     return p
 
 
@@ -135,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output and Path(args.output).exists():
             raise UserError(f"{args.output} exists; refusing to overwrite it")
-        result = evaluate_checkpoint(args.path, args.overrides, args.split, args.device)
+        plots_dir = None if args.plots is None else (args.plots or True)
+        if isinstance(plots_dir, str) and Path(plots_dir).exists():  # before the work
+            raise UserError(f"{plots_dir} exists; refusing to overwrite it (--plots DIR)")
+        result = evaluate_checkpoint(args.path, args.overrides, args.split, args.device,
+                                     plots_dir)
     except UserError as exc:
         print(f"dmlrun-evaluate: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -145,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:<16}{v:.4f}")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if "plots" in result:
+        print(f"plots: {result['plots']}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Optional experiment loggers beside the run folder's own files (``logger=tensorboard``).
 
-A logger gets ``log_epoch(record)`` after every epoch and ``log_embedding(emb, labels,
-images)`` once with the test embeddings, and is closed at the end of the run.
+A logger gets ``log_steps(epoch, rows)`` and ``log_epoch(record)`` after every epoch,
+``log_embedding(emb, labels, images)`` and ``log_hparams(hparams, metrics)`` once at the
+end, and is closed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,25 @@ class TensorBoardLogger:
                 continue
             group = "val" if key.startswith("val_") else "train"
             self.writer.add_scalar(f"{group}/{key.removeprefix('val_')}", float(value), epoch)
+        self.writer.flush()
+
+    def log_steps(self, epoch: int, rows: list[dict]) -> None:
+        """Per-step values (steps.jsonl rows of one epoch) under ``step/<field>``, at the
+        global step number."""
+        base = (epoch - 1) * len(rows)
+        for i, row in enumerate(rows, 1):
+            for key, value in row.items():
+                if key not in ("epoch", "step") and isinstance(value, numbers.Real):
+                    self.writer.add_scalar(f"step/{key}", float(value), base + i)
+        self.writer.flush()
+
+    def log_hparams(self, hparams: dict[str, object], metrics: dict[str, float]) -> None:
+        """The run's settings beside its final metrics, for TensorBoard's HPARAMS tab (a
+        sweep's runs compare there)."""
+        clean = {k: v if isinstance(v, int | float | str | bool) else str(v)
+                 for k, v in hparams.items()}
+        self.writer.add_hparams(clean, {f"hparam/{k}": float(v) for k, v in metrics.items()},
+                                run_name=".")
         self.writer.flush()
 
     def log_embedding(self, emb: torch.Tensor, labels: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Plots of a run: 2D embedding scatter, per-epoch frames and GIF, training curves."""
+"""Plots of a run: 2D embedding scatter, per-epoch frames and GIF, training curves,
+pseudo-label quality."""
 
 from __future__ import annotations
 
@@ -33,10 +34,8 @@ def project_2d(
         return torch.from_numpy(pts).float(), f"t-SNE of {x.shape[1]}-D"
     if method != "pca":
         raise ValueError(f"projection must be pca or tsne, got {method!r}")
-    centred = x - x.mean(0)
-    _, s, v = torch.linalg.svd(centred, full_matrices=False)
-    share = float((s[:2] ** 2).sum() / (s**2).sum())
-    return centred @ v[:2].T, f"PCA of {x.shape[1]}-D ({share:.0%} variance)"
+    mean, comps, share = fit_pca(x)
+    return (x - mean) @ comps, f"PCA of {x.shape[1]}-D ({share:.0%} variance)"
 
 
 def robust_limits(points: Sequence[torch.Tensor], pad: float = 0.05) -> Limits:
@@ -85,22 +84,41 @@ def scatter(
     return path
 
 
+def fit_pca(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean (D,), components (D, 2), share of variance) of the PCA of (N, D) points."""
+    x = x.detach().float().cpu()
+    mean = x.mean(0)
+    _, s, v = torch.linalg.svd(x - mean, full_matrices=False)
+    return mean, v[:2].T, float((s[:2] ** 2).sum() / (s**2).sum())
+
+
 def epoch_frames(
     frames: Sequence[tuple[int, torch.Tensor]],
     labels: torch.Tensor,
     folder: str | Path,
     title: str,
     gif: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Save one scatter per (epoch, embeddings) with shared axes; optionally an animated GIF."""
+    """Save one scatter per (epoch, embeddings) with shared axes; optionally an animated
+    GIF. Above 2-D, one PCA is fitted to all frames together and used for every frame, so
+    the axes mean the same thing from frame to frame."""
     folder = Path(folder)
-    projected = [(epoch, project_2d(e)[0]) for epoch, e in frames]
-    if not projected:
+    if not frames:
         return []
+    dim = frames[0][1].shape[1]
+    xlabel = ""
+    if dim > 2:
+        mean, comps, share = fit_pca(torch.cat([e for _, e in frames]))
+        projected = [(epoch, (e.float().cpu() - mean) @ comps) for epoch, e in frames]
+        xlabel = f"PCA of {dim}-D, fitted on all frames ({share:.0%} variance)"
+    else:
+        projected = [(epoch, project_2d(e)[0]) for epoch, e in frames]
     limits = robust_limits([p for _, p in projected])
     paths = [
-        scatter(p, labels, folder / f"epoch_{epoch:03d}.png", f"{title} - epoch {epoch}",
-                limits=limits)
+        scatter(p, labels, folder / f"epoch_{epoch:03d}.png",
+                f"{title} - epoch {epoch}" + (" (untrained)" if epoch == 0 else ""),
+                class_names=class_names, limits=limits, xlabel=xlabel)
         for epoch, p in projected
     ]
     if gif and len(paths) > 1:
@@ -110,67 +128,118 @@ def epoch_frames(
     return paths
 
 
+def _step_x(steps: Sequence[dict]) -> list[float]:
+    """Each step's position in epochs: epoch - 1 + step / steps of that epoch."""
+    per_epoch: dict[int, int] = {}
+    for row in steps:
+        per_epoch[row["epoch"]] = max(per_epoch.get(row["epoch"], 0), row["step"])
+    return [r["epoch"] - 1 + r["step"] / per_epoch[r["epoch"]] for r in steps]
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _epoch_axis(ax, last_epoch: int) -> None:
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    if last_epoch <= 20:
+        ax.set_xticks(range(0, last_epoch + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str],
-           steps: Sequence[dict] = ()) -> Path:
-    """Train loss, validation metrics and mining diagnostics (mean positive / negative
-    distance in the batch, fraction of tuples with non-zero loss) per epoch; with
-    ``steps`` (rows of steps.jsonl), the inverted fraction of every step, placed at
-    epoch - 1 + step / steps in that epoch."""
+           steps: Sequence[dict] = (), baselines: dict | None = None) -> Path:
+    """Four panels: the loss per tuple at every step (faint) and smoothed; the validation
+    metrics per epoch with the test baselines (untrained network, raw pixels) dashed; the
+    mining diagnostics per step (mean same- and different-class distance in the batch,
+    fractions of active and inverted tuples); the learning rate per epoch. Epochs on the
+    x axis; a step sits at epoch - 1 + step / steps."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_val, ax_mine) = plt.subplots(1, 3, figsize=(15, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="as optimised")
-    lowest = min(h["train_loss"] for h in history)
-    if "train_tuple_loss" in history[0] and any(
-            abs(h["train_tuple_loss"] - h["train_loss"]) > 1e-6 * abs(h["train_loss"])
-            for h in history):
-        ax_loss.plot(epochs, [h["train_tuple_loss"] for h in history], marker="s",
-                     label="mean over all tuples")
-        lowest = min(lowest, *(h["train_tuple_loss"] for h in history))
-        ax_loss.legend()
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("train loss")
-    ax_loss.set_yscale("log" if lowest > 0 else "linear")
-    for m in metrics:
-        key = f"val_{m}"
-        if key in history[0]:
-            ax_val.plot(epochs, [h[key] for h in history], marker="o", label=m)
-    ax_val.set_xlabel("epoch")
-    ax_val.set_ylabel("validation")
-    ax_val.legend()
-    if "pos_distance" in history[0]:
-        ax_mine.plot(epochs, [h["pos_distance"] for h in history], marker="o",
-                     label="same class")
-        ax_mine.plot(epochs, [h["neg_distance"] for h in history], marker="o",
-                     label="different class")
-        ax_mine.set_ylabel("mean distance in batch")
-        ax_frac = ax_mine.twinx()
-        ax_frac.plot(epochs, [h["active_fraction"] for h in history], "k--", marker="x",
-                     label="active (loss > 0)")
-        if steps and "inverted" in steps[0]:
-            per_epoch: dict[int, int] = {}
-            for row in steps:
-                per_epoch[row["epoch"]] = max(per_epoch.get(row["epoch"], 0), row["step"])
-            ax_frac.plot([r["epoch"] - 1 + r["step"] / per_epoch[r["epoch"]] for r in steps],
-                         [r["inverted"] for r in steps], color="tab:red", lw=0.6, alpha=0.6,
-                         label="inverted (neg. closer than pos.), per step")
-        ax_frac.set_ylabel("fraction of tuples")
-        ax_frac.set_ylim(0, 1.05)
-        lines = ax_mine.get_legend_handles_labels()
-        extra = ax_frac.get_legend_handles_labels()
-        # below the panel: the lines fill every corner of it
-        ax_mine.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper center",
-                       bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8, frameon=False)
-    ax_mine.set_xlabel("epoch")
-    ax_mine.set_title("mining")
-    for ax in (ax_loss, ax_val, ax_mine):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last = max(epochs)
+    fig, (ax_loss, ax_val, ax_mine, ax_lr) = plt.subplots(1, 4, figsize=(19, 4.2))
+    _loss_panel(ax_loss, history, steps)
+    for i, m in enumerate(metrics):
+        if f"val_{m}" in history[0]:
+            colour = f"C{i}"
+            ax_val.plot(epochs, [h[f"val_{m}"] for h in history], marker="o", color=colour,
+                        label=m)
+            for base, ls in zip((baselines or {}).values(), ("--", ":"), strict=False):
+                if m in base:
+                    ax_val.axhline(base[m], color=colour, ls=ls, lw=1, alpha=0.8)
+    if baselines:
+        for name, ls in zip(baselines, ("--", ":"), strict=False):
+            ax_val.plot([], [], color="grey", ls=ls, label=f"{name.replace('_', ' ')} (test)")
+    ax_val.set_ylabel("validation metric")
+    ax_val.set_title("validation per epoch; baselines dashed")
+    ax_val.legend(fontsize=7)
+    _mining_panel(ax_mine, history, steps)
+    rates = [h.get("lr", float("nan")) for h in history]
+    ax_lr.plot(epochs, rates, marker="o")
+    ax_lr.set_ylabel("learning rate at the epoch's start")
+    ax_lr.set_title("learning rate")
+    if all(r > 0 for r in rates):
+        ax_lr.set_yscale("log")
+    for ax in (ax_loss, ax_val, ax_mine, ax_lr):
+        _epoch_axis(ax, last)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _loss_panel(ax, history: Sequence[dict], steps: Sequence[dict]) -> None:
+    key = "tuple_loss" if steps and "tuple_loss" in steps[0] else "loss"
+    if steps:
+        x, y = _step_x(steps), [r[key] for r in steps]
+        ax.plot(x, y, color="tab:blue", lw=0.5, alpha=0.35, label="per step")
+        ax.plot(x, smooth(y, max(1, len(y) // 50)), color="tab:blue", lw=1.5,
+                label="smoothed")
+    else:
+        ax.plot([h["epoch"] for h in history],
+                [h.get("train_tuple_loss", h["train_loss"]) for h in history], marker="o")
+    values = [r[key] for r in steps] if steps else [h["train_loss"] for h in history]
+    ax.set_yscale("log" if min(values) > 0 else "linear")
+    ax.set_ylabel("loss, mean over tuples")
+    ax.set_title("training loss per tuple")
+    ax.legend(fontsize=7)
+
+
+def _mining_panel(ax, history: Sequence[dict], steps: Sequence[dict]) -> None:
+    if steps and "pos_distance" in steps[0]:
+        x = _step_x(steps)
+        w = max(1, len(steps) // 50)
+        ax.plot(x, smooth([r["pos_distance"] for r in steps], w), label="same class")
+        ax.plot(x, smooth([r["neg_distance"] for r in steps], w), label="different class")
+        frac = ax.twinx()
+        frac.plot(x, smooth([r["active"] / max(r["tuples"], 1) for r in steps], w), "k--",
+                  lw=1, label="active (loss > 0)")
+        if "inverted" in steps[0]:
+            frac.plot(x, [r["inverted"] for r in steps], color="tab:red", lw=0.6, alpha=0.6,
+                      label="inverted (neg. closer than pos.)")
+        frac.set_ylabel("fraction of tuples")
+        frac.set_ylim(0, 1.05)
+        lines, extra = ax.get_legend_handles_labels(), frac.get_legend_handles_labels()
+        ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="upper center",
+                  bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=7, frameon=False)
+    elif "pos_distance" in history[0]:
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["pos_distance"] for h in history], marker="o", label="same class")
+        ax.plot(epochs, [h["neg_distance"] for h in history], marker="o",
+                label="different class")
+        ax.legend(fontsize=7)
+    ax.set_ylabel("mean distance in batch (smoothed)")
+    ax.set_title("mining per step")
 
 
 def pseudo_labels(history: Sequence[dict], path: str | Path) -> Path:
@@ -184,12 +253,11 @@ def pseudo_labels(history: Sequence[dict], path: str | Path) -> Path:
     ax.plot(epochs, [h["pseudo_kept_accuracy"] for h in rows], marker="o", label="kept")
     ax.plot(epochs, [h["pseudo_kept_fraction"] for h in rows], "k--", marker="x",
             label="fraction kept")
-    ax.set_xlabel("epoch (refresh)")
     ax.set_ylabel("pseudo-label accuracy / fraction")
     ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
+    ax.set_title("pseudo-labels at each refresh")
     ax.legend()
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _epoch_axis(ax, max(epochs) if epochs else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -114,12 +114,14 @@ class Recorder:
         # mean different-class distance at the run's first step: the collapse reference
         self.first_neg_distance: float | None = None
 
-    def write_steps(self, epoch: int, steps: torch.Tensor) -> None:
-        """Append an epoch's (steps, len(STEP_FIELDS)) per-step values to steps.jsonl."""
+    def write_steps(self, epoch: int, steps: torch.Tensor) -> list[dict]:
+        """Append an epoch's (steps, len(STEP_FIELDS)) per-step values to steps.jsonl;
+        returns the rows written."""
+        rows = [{"epoch": epoch, "step": i, **dict(zip(STEP_FIELDS, row, strict=True))}
+                for i, row in enumerate(steps.tolist(), 1)]
         with open(self.steps_path, "a") as f:
-            for i, row in enumerate(steps.tolist(), 1):
-                f.write(json.dumps({"epoch": epoch, "step": i,
-                                    **dict(zip(STEP_FIELDS, row, strict=True))}) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return rows
 
     def save(self, record: dict[str, Any], training: TrainingState) -> bool:
         """Checkpoint the epoch (best.pt when it improves the monitored metric, last.pt

@@ -28,7 +28,7 @@ import torchvision
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dmlrun import __version__, components, distributed, plots
+from dmlrun import __version__, components, distributed, plots, retrieval_plots
 from dmlrun.components import (
     build,
     build_components,
@@ -45,10 +45,11 @@ from dmlrun.data.dataset import TensorDataset, chunks
 from dmlrun.data.samplers import Epoch
 from dmlrun.distributed import Ranks
 from dmlrun.errors import ConfigError, Interrupted
-from dmlrun.evaluate import METRIC_NAMES, embed_split, evaluate_embeddings
+from dmlrun.evaluate import METRIC_NAMES, embed, embed_split, evaluate_embeddings
 from dmlrun.losses.base import MetricLoss
 from dmlrun.miners.base import Miner
 from dmlrun.recorder import Recorder, TrainingState, check_new_run_dir, check_resumable
+from dmlrun.report import write_run_report
 from dmlrun.semi import SemiSupervision, pick_labeled
 from dmlrun.train import StepConfig, fit
 
@@ -312,7 +313,10 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: t
         log.info("resuming %s after epoch %d (best epoch %d)", run_dir, start - 1,
                  recorder.best["epoch"])
     validation = Validation(evaluator, ctx.data.val, ranks.main,
-                            bool(cfg.trainer.epoch_plots), device)
+                            run_dir / "plots" / "epochs" if cfg.trainer.epoch_plots else None,
+                            device)
+    if start == 1:
+        validation.untrained_frame()
     history = done + _fit(ctx, semi, training, recorder, validation, signals, start)
     if not ranks.main:
         return None
@@ -323,10 +327,19 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: t
         shown = torch.arange(min(len(ctx.data.test), logger.projector_points))
         logger.log_embedding(test_emb[shown], ctx.data.test.labels[shown],
                              ctx.data.test.take(shown))
+    t_plots = time.perf_counter()
+    extra = _write_plots(ctx, history, recorder, validation, test_emb, test, baselines)
+    summary = _write_summary(ctx, history, recorder, best_state, test_emb, test, baselines,
+                             {**extra, "plot_seconds": time.perf_counter() - t_plots},
+                             time.perf_counter() - t_start)
+    write_run_report(run_dir)
+    if logger is not None:
+        logger.log_hparams({**names, "seed": int(cfg.seed), "lr": cfg.optimizer.get("lr"),
+                            "embedding_dim": summary["embedding_dim"],
+                            "epochs": summary["epochs"]},
+                           {f"test_{k}": v for k, v in test.items()})
         logger.close()
-    _write_plots(ctx, history, recorder, validation, test_emb, test)
-    return _write_summary(ctx, history, recorder, best_state, test_emb, test, baselines,
-                          time.perf_counter() - t_start)
+    return summary
 
 
 def _load_data(cfg: DictConfig, names: dict[str, str], parts: Parts,
@@ -423,24 +436,43 @@ class Evaluator:
 
 
 class Validation:
-    """Validation after each epoch, on the main process only; keeps a fixed sample of
-    validation embeddings per epoch for the per-epoch frames."""
+    """Validation after each epoch, on the main process only. With ``frames_dir``, a fixed
+    sample of validation embeddings is saved there each epoch (``frame_NNN.pt``; epoch 0 =
+    the untrained network), so the per-epoch frames survive an interruption and resume."""
 
-    def __init__(self, evaluator: Evaluator, split: Any, main: bool, keep_frames: bool,
-                 device: torch.device) -> None:
-        self.evaluator, self.split, self.main, self.keep_frames = (evaluator, split, main,
-                                                                   keep_frames)
+    def __init__(self, evaluator: Evaluator, split: Any, main: bool,
+                 frames_dir: Path | None, device: torch.device) -> None:
+        self.evaluator, self.split, self.main = evaluator, split, main
+        self.frames_dir = frames_dir if main else None
         self.frame_idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(
             0))[:FRAME_POINTS].to(device)
-        self.frames: list[tuple[int, torch.Tensor]] = []
 
     def __call__(self, epoch: int) -> dict[str, float]:
         if not self.main:
             return {}
         emb, metrics = self.evaluator(self.split)
-        if self.keep_frames:
-            self.frames.append((epoch, emb[self.frame_idx].cpu()))
+        self._save_frame(epoch, emb[self.frame_idx])
         return metrics
+
+    def untrained_frame(self) -> None:
+        """Epoch 0's frame: the network before training."""
+        if self.frames_dir is not None:
+            emb = embed(self.evaluator.model, self.split.take(self.frame_idx),
+                        self.evaluator.batch_size, self.evaluator.amp_dtype)
+            self._save_frame(0, emb)
+
+    def _save_frame(self, epoch: int, emb: torch.Tensor) -> None:
+        if self.frames_dir is not None:
+            self.frames_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(emb.cpu(), self.frames_dir / f"frame_{epoch:03d}.pt")
+
+    def frames(self) -> list[tuple[int, torch.Tensor]]:
+        """Every saved (epoch, embeddings) frame, in epoch order (from before a resume
+        too)."""
+        if self.frames_dir is None or not self.frames_dir.is_dir():
+            return []
+        return [(int(f.stem.split("_")[1]), torch.load(f, weights_only=True))
+                for f in sorted(self.frames_dir.glob("frame_*.pt"))]
 
 
 class EpochEnd:
@@ -526,9 +558,14 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
     if ranks.launched:  # averages gradients over ranks during backward
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    def on_steps(epoch: int, steps: torch.Tensor) -> None:
+        rows = recorder.write_steps(epoch, steps)
+        if ctx.logger is not None:
+            ctx.logger.log_steps(epoch, rows)
+
     return fit(model, parts.loss, parts.miner, parts.optimizer, parts.scheduler, next_epoch,
                train_split, validation, on_epoch_end, int(tcfg.max_epochs), step_cfg,
-               start_epoch=start, on_steps=recorder.write_steps if ranks.main else None)
+               start_epoch=start, on_steps=on_steps if ranks.main else None)
 
 
 # ---------------------------------------------------------------- outputs
@@ -550,28 +587,47 @@ def versions() -> dict[str, str]:
 
 
 def _write_plots(ctx: Context, history: list[dict], recorder: Recorder,
-                 validation: Validation, test_emb: torch.Tensor, test: dict) -> None:
+                 validation: Validation, test_emb: torch.Tensor, test: dict,
+                 baselines: dict) -> dict[str, Any]:
+    """Every plot under plots/; returns the analysis numbers for summary.json."""
     data, names, cfg = ctx.data, ctx.names, ctx.cfg
     plot_dir = ctx.run_dir / "plots"
+    classes = list(data.class_names) if data.class_names else None
     points, how = plots.project_2d(test_emb, str(cfg.evaluation.projection), int(cfg.seed))
     plots.scatter(
         points, data.test.labels, plot_dir / "embedding.png",
         f"{data.name} test: loss={names['loss']} miner={names['miner']} epoch "
         f"{recorder.best['epoch']} - P@1 {test['precision_at_1']:.3f} MAP@R "
-        f"{test['map_at_r']:.3f}", xlabel=how)
+        f"{test['map_at_r']:.3f}", class_names=classes, xlabel=how)
+    # the 2-D points, so a sweep's summary can redraw every run's embedding from data
+    torch.save({"points": points.cpu(), "labels": data.test.labels.cpu()},
+               plot_dir / "embedding_points.pt")
     plots.curves(history, plot_dir / "curves.png",
-                 ["precision_at_1", "map_at_r", "r_precision", "nmi"], recorder.step_rows())
+                 ["precision_at_1", "map_at_r", "r_precision", "nmi"], recorder.step_rows(),
+                 baselines)
     if any("pseudo_accuracy" in h for h in history):
         plots.pseudo_labels(history, plot_dir / "pseudo_labels.png")
-    if validation.frames:
-        plots.epoch_frames(validation.frames, data.val.labels[validation.frame_idx],
-                           plot_dir / "epochs",
-                           f"{data.name} val: loss={names['loss']} miner={names['miner']}")
+    if frames := validation.frames():
+        plots.epoch_frames(frames, data.val.labels[validation.frame_idx], plot_dir / "epochs",
+                           f"{data.name} val: loss={names['loss']} miner={names['miner']}",
+                           class_names=classes)
+    return retrieval_plots.write_all(test_emb, data.test, ctx.parts.loss.distance,
+                                     loss_margin(ctx.parts.loss), data.num_classes, plot_dir,
+                                     f"{data.name} test", classes, int(cfg.seed))
+
+
+def loss_margin(loss: Any) -> float | None:
+    """The loss's margin in distance units, if it has one (for the histograms)."""
+    params = getattr(loss, "distance_params", ())
+    for name in ("margin", "neg_margin"):
+        if name in params and "beta_init" not in params:
+            return float(getattr(loss, name))
+    return None
 
 
 def _write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_state: dict,
                    test_emb: torch.Tensor, test: dict, baselines: dict,
-                   wall: float) -> dict[str, Any]:
+                   extra: dict[str, Any], wall: float) -> dict[str, Any]:
     cfg, ranks, device, data = ctx.cfg, ctx.ranks, ctx.device, ctx.data
     best = recorder.best
     log.info("best epoch %d (val %s %.4f); test P@1 %.4f, MAP@R %.4f", best["epoch"],
@@ -592,6 +648,7 @@ def _write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_s
         "val": {k[4:]: v for k, v in best_state["metrics"].items() if k.startswith("val_")},
         "test": test,
         "baselines": baselines,
+        **extra,
         "wall_seconds": wall,
         "train_seconds": train_seconds,
         "train_samples_per_s": sum(h["samples_per_s"] * h["train_seconds"] for h in history)

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
+import html
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
 from scipy.stats import t
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from dmlrun import report  # noqa: E402
 
 IGNORED_PREFIXES = ("paths.", "hydra.", "tag")
 EXCLUDED = ("trainer.progress_bar", "trainer.device")
@@ -89,14 +95,32 @@ def load_run(path: Path) -> RunInfo:
     return RunInfo(path, flat, "failed" if (path / "FAILED").exists() else "unfinished")
 
 
-def group_runs(runs: list[RunInfo]) -> tuple[list[str], list[Group]]:
-    """The config keys that vary (seed excluded) and the runs grouped by their values."""
-    keys = sorted({k for r in runs for k in r.config})
-    varying = [k for k in keys if k not in POOLED
-               and len({r.config.get(k, "") for r in runs}) > 1]
+def setting(run: RunInfo, key: str) -> str:
+    """The run's value of ``key``: its override, else the default it ran with (read from
+    its saved config; a group's choice from the ``_target_`` of that group)."""
+    if key in run.config:
+        return run.config[key]
+    config = run.path / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return ""
+    node = OmegaConf.select(OmegaConf.load(config), key, default=None,
+                            throw_on_missing=False, throw_on_resolution_failure=False)
+    if isinstance(node, DictConfig) and "_target_" in node:
+        return f"({str(node._target_).rsplit('.', 1)[-1]})"
+    return "" if node is None or isinstance(node, DictConfig) else str(node)
+
+
+def group_runs(runs: list[RunInfo], varying: list[str] | None = None
+               ) -> tuple[list[str], list[Group]]:
+    """The config keys that vary (seed excluded; or ``varying`` as given) and the runs
+    grouped by their values; a run that did not set a key shows the default it ran with."""
+    if varying is None:
+        keys = sorted({k for r in runs for k in r.config})
+        varying = [k for k in keys if k not in POOLED
+                   and len({setting(r, k) for r in runs}) > 1]
     groups: dict[tuple, list[RunInfo]] = {}
     for r in runs:
-        groups.setdefault(tuple((k, r.config.get(k, "")) for k in varying), []).append(r)
+        groups.setdefault(tuple((k, setting(r, k)) for k in varying), []).append(r)
     return varying, [Group(k, v) for k, v in groups.items()]
 
 
@@ -144,25 +168,78 @@ def comparison_plot(rows: list[dict], metric: str, path: Path, label_cols: list[
 
 def embedding_grid(runs: list[RunInfo], varying: list[str], path: Path,
                    max_runs: int = 48) -> int:
-    """The finished runs' plots/embedding.png side by side, titled by their varying
+    """The finished runs' test embeddings side by side, redrawn from each run's saved 2-D
+    points (plots/embedding_points.pt) at a readable size, titled by their varying
     settings and seed. Returns how many were drawn."""
-    shown = [r for r in runs if (r.path / "plots" / "embedding.png").is_file()][:max_runs]
+    shown = [r for r in runs if (r.path / "plots" / "embedding_points.pt").is_file()]
+    shown = shown[:max_runs]
     if not shown:
         return 0
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, shown, strict=False):
-        ax.imshow(plt.imread(r.path / "plots" / "embedding.png"))
-        title = ", ".join(f"{k}={r.config.get(k, '')}" for k in [*varying, "seed"]
-                          if k in r.config) or r.path.name
-        ax.set_title(title, fontsize=8)
+        saved = torch.load(r.path / "plots" / "embedding_points.pt", weights_only=True)
+        points, labels = saved["points"], saved["labels"]
+        ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=1.5, alpha=0.5,
+                   vmin=0, vmax=9, rasterized=True)
+        ax.set_aspect("equal", adjustable="datalim")
+        title = ", ".join(f"{k}={setting(r, k)}" for k in [*varying, "seed"]
+                          if setting(r, k)) or r.path.name
+        p1 = r.metrics.get("test.precision_at_1", math.nan)
+        ax.set_title(f"{title}\nP@1 {p1:.3f}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return len(shown)
+
+
+def check_metric(metric: str, runs: list[RunInfo]) -> None:
+    """KeyError with the closest names when no finished run has ``metric``."""
+    names = sorted({k for r in runs for k in r.metrics})
+    if names and metric not in names:
+        close = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise KeyError(f"--metric {metric} is not in the runs' summaries{hint} "
+                       f"(choose from {', '.join(names)})")
+
+
+def sweep_report(result: dict, runs: list[RunInfo], metric: str, out_dir: Path) -> Path:
+    """out_dir/report.html: the comparison table with 95% CIs, the plots, the failed and
+    unfinished runs apart, and a link to each run's own report."""
+    rows = result["rows"]
+    cols = [c for c in (rows[0] if rows else {}) if not c.endswith((" n", " std"))]
+    body = [f"<h1>Sweep: {html.escape(str(out_dir))}</h1>",
+            f"<p>{len(runs)} runs; rows sorted by {html.escape(metric)} (mean, 95% CI "
+            "half-width over seeds)</p>",
+            report.table(cols, [[r[c] for c in cols] for r in rows])]
+    for name, caption in (("comparison.png", f"{metric}: mean and 95% CI per setting"),
+                          ("embeddings.png", "Test embeddings of every finished run")):
+        if (out_dir / name).is_file():
+            body.append(f'<figure><img alt="{name}" src="{report.data_uri(out_dir / name)}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if result["problems"]:
+        body.append("<h2>Failed or unfinished</h2>" + report.table(
+            ["run", "status", "reason"],
+            [[p, status, _reason(Path(p))] for p, status in result["problems"]]))
+    links = []
+    for r in runs:
+        if (r.path / "report.html").is_file():
+            href = os.path.relpath(r.path / "report.html", out_dir)
+            title = ", ".join(f"{k}={v}" for k, v in r.config.items()) or r.path.name
+            links.append(f'<li><a href="{html.escape(href)}">{html.escape(title)}</a></li>')
+    if links:
+        body.append("<h2>Runs</h2><ul>" + "".join(links) + "</ul>")
+    path = out_dir / "report.html"
+    path.write_text(report.page(f"dmlrun sweep: {out_dir.name}", body))
+    return path
+
+
+def _reason(path: Path) -> str:
+    failed = path / "FAILED"
+    return failed.read_text().strip().splitlines()[0] if failed.is_file() else "did not finish"
 
 
 def summarize(paths: list[str], metric: str, out_dir: Path | None = None) -> dict:
@@ -173,7 +250,9 @@ def summarize(paths: list[str], metric: str, out_dir: Path | None = None) -> dic
         raise FileNotFoundError(f"no run folders (with .hydra/config.yaml) under {paths}")
     runs = [load_run(p) for p in run_dirs]
     finished = [r for r in runs if r.status == "finished"]
-    varying, groups = group_runs(runs)
+    check_metric(metric, finished)
+    varying, _ = group_runs(runs)  # what the sweep varies, failed runs included
+    groups = group_runs(finished, varying)[1]  # the others are listed apart
     metrics = [metric] + [m for m in ("test.precision_at_1", "test.map_at_r", "test.nmi",
                                       "val.precision_at_1") if m != metric]
     rows = table_rows(varying, groups, metrics)
@@ -183,7 +262,7 @@ def summarize(paths: list[str], metric: str, out_dir: Path | None = None) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.md").write_text(to_markdown(rows))
     with open(out_dir / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["runs"])
         w.writeheader()
         w.writerows(rows)
     if finished:
@@ -191,7 +270,9 @@ def summarize(paths: list[str], metric: str, out_dir: Path | None = None) -> dic
         embedding_grid(sorted(finished, key=lambda r: sorted(r.config.items())), varying,
                        out_dir / "embeddings.png")
     problems = [(str(r.path), r.status) for r in runs if r.status != "finished"]
-    return {"rows": rows, "varying": varying, "problems": problems, "out_dir": str(out_dir)}
+    result = {"rows": rows, "varying": varying, "problems": problems, "out_dir": str(out_dir)}
+    sweep_report(result, runs, metric, out_dir)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,21 +280,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="multirun folder(s) or run folders")
     p.add_argument("--metric", default="test.precision_at_1",
                    help="sort key, e.g. test.map_at_r or val.precision_at_1")
-    p.add_argument("--out", help="folder for summary.md/.csv and comparison.png "
-                                 "(default: the first path; these derived files are rewritten)")
+    p.add_argument("--output", "--out", dest="output",
+                   help="folder for summary.md/.csv, comparison.png, embeddings.png and "
+                        "report.html (default: the first path; these derived files are "
+                        "rewritten)")
     args = p.parse_args(argv)
     try:
-        result = summarize(args.paths, args.metric, Path(args.out) if args.out else None)
+        result = summarize(args.paths, args.metric, Path(args.output) if args.output else None)
     except (FileNotFoundError, KeyError) as exc:
-        print(f"dmlrun-summarize: error: {exc}", file=sys.stderr)
+        print(f"dmlrun-summarize: error: {exc.args[0]}", file=sys.stderr)
         return 2
-    cols = [c for c in result["rows"][0] if not c.endswith((" n", " std")) or
+    rows = result["rows"]
+    cols = [c for c in (rows[0] if rows else {}) if not c.endswith((" n", " std")) or
             c.startswith(args.metric)]
-    print(to_markdown([{c: r[c] for c in cols} for r in result["rows"]]), end="")
+    print(to_markdown([{c: r[c] for c in cols} for r in rows]), end="")
     for path, status in result["problems"]:
-        print(f"{status}: {path}")
+        print(f"{status}: {path} ({_reason(Path(path))})")
     print(f"written: {result['out_dir']}/summary.md, summary.csv, comparison.png, "
-          "embeddings.png")
+          "embeddings.png, report.html")
     return 0
 
 

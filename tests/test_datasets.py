@@ -113,6 +113,7 @@ def test_image_folder_end_to_end_run(tmp_path):
     ])
     summary = run(cfg, tmp_path / "run")
     assert summary["embedding_dim"] == 2
+    assert list(summary["per_class"]) == ["a", "b", "c", "d"]  # the folder names
     assert (tmp_path / "run" / "plots" / "embedding.png").is_file()
 
 

@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from tests.conftest import DATA_DIR, TINY, run_cli
 
 TIMING = {"train_seconds", "samples_per_s", "epoch_seconds"}
 ARGS = [a for a in TINY if not a.startswith(("trainer.max_epochs", "sampler.batches"))] + [
-    "trainer.max_epochs=3", "sampler.batches_per_epoch=12", "trainer.epoch_plots=false"]
+    "trainer.max_epochs=3", "sampler.batches_per_epoch=12"]
 
 
 SHORT = [a for a in ARGS if not a.startswith(("trainer.max_epochs", "sampler.batches"))] + [
@@ -56,6 +58,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, data_dir):
     assert (killed / ".hydra" / "overrides.yaml").read_text() == \
         (whole / ".hydra" / "overrides.yaml").read_text().replace(str(whole), str(killed))
     assert (killed / ".hydra-resume" / "overrides.yaml").is_file()
+    # the per-epoch frames from before the kill survive: the same frames, PNGs and GIF
+    frames = sorted(p.name for p in (whole / "plots" / "epochs").glob("frame_*.pt"))
+    assert frames == [f"frame_{e:03d}.pt" for e in range(4)]
+    for name in frames:
+        assert torch.equal(torch.load(whole / "plots" / "epochs" / name),
+                           torch.load(killed / "plots" / "epochs" / name)), name
+    assert len(list((killed / "plots" / "epochs").glob("epoch_*.png"))) == 4
+    assert (killed / "plots" / "epochs" / "embedding.gif").is_file()
 
     # a finished run is not resumed again, and nothing in it changes
     def snapshot():

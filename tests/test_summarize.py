@@ -58,7 +58,10 @@ def test_groups_by_varying_settings_and_pools_seeds(tmp_path):
     for f in ("summary.md", "summary.csv", "comparison.png"):
         assert (tmp_path / f).is_file()
     triplet_hard = next(r for r in rows if (r["loss"], r["miner"]) == ("triplet", "hard"))
-    assert triplet_hard["runs"] == 5 and triplet_hard["test.precision_at_1 n"] == 3
+    # the failed and the unfinished run are listed apart, not counted in the row
+    assert triplet_hard["runs"] == 3 and triplet_hard["test.precision_at_1 n"] == 3
+    page = (tmp_path / "report.html").read_text()
+    assert "Failed or unfinished" in page and "boom" in page and "did not finish" in page
 
 
 def test_command_lists_problems_and_errors(tmp_path, capsys):
@@ -68,3 +71,16 @@ def test_command_lists_problems_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| triplet |" in out and "failed:" in out
     assert main([str(tmp_path / "empty")]) == 2
+    assert main([str(tmp_path), "--metric", "test.map_at_t"]) == 2
+    assert "did you mean test.map_at_r?" in capsys.readouterr().err
+    assert main([str(tmp_path), "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_a_key_one_run_left_at_its_default_shows_the_default(tmp_path):
+    a = fake_run(tmp_path, "a", ["loss.margin=0.5"], 0.9)
+    b = fake_run(tmp_path, "b", [], 0.8)
+    for d in (a, b):
+        (d / ".hydra" / "config.yaml").write_text("seed: 0\nloss:\n  margin: 1.0\n")
+    rows = summarize([str(tmp_path)], "test.precision_at_1")["rows"]
+    assert sorted(r["loss.margin"] for r in rows) == ["0.5", "1.0"]

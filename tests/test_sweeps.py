@@ -74,6 +74,9 @@ def test_tensorboard_logger_writes_scalars_and_projector(tmp_path, data_dir):
     tags = acc.Tags()["scalars"]
     assert "val/precision_at_1" in tags and "train/train_loss" in tags
     assert len(acc.Scalars("val/precision_at_1")) == 1
+    assert [e.step for e in acc.Scalars("step/loss")] == [1, 2]  # every step (QUICK: 2)
+    events = b"".join(p.read_bytes() for p in tb.rglob("events.out.tfevents.*"))
+    assert b"_hparams_/session_start_info" in events and b"hparam/test_map_at_r" in events
     assert (tb / "projector_config.pbtxt").is_file()
     (tensors,) = tb.glob("**/tensors.tsv")
     rows = tensors.read_text().splitlines()

@@ -1,0 +1,148 @@
+"""What a trained embedding gets right and wrong, as numbers the report plots draw:
+nearest neighbours of chosen queries, nearest-neighbour class confusion, same- and
+different-class distance samples and their overlap. Leave-one-out, in query chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from dmlrun.distances import Distance, EuclideanDistance
+
+CHUNK_CELLS = 2**24  # distances per query chunk
+
+
+@torch.no_grad()
+def nearest(emb: torch.Tensor, queries: torch.Tensor, k: int,
+            distance: Distance | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest other items of each query (indices into ``emb`` (N, D)), leave-one-
+    out: (Q, k) indices and (Q, k) distances, nearest first, ties by index."""
+    distance = distance or EuclideanDistance()
+    chunk = max(1, CHUNK_CELLS // max(len(emb), 1))
+    idx, dist = [], []
+    for part in queries.split(chunk):
+        d = distance.pairwise(emb[part], emb)
+        d[torch.arange(len(part), device=d.device), part] = float("inf")
+        # a stable sort of (distance, index) keeps ties in index order
+        order = torch.sort(d, dim=1, stable=True).indices[:, :k]
+        idx.append(order)
+        dist.append(d.gather(1, order))
+    return torch.cat(idx), torch.cat(dist)
+
+
+def nn_confusion(labels: torch.Tensor, nn_labels: torch.Tensor, num_classes: int
+                 ) -> torch.Tensor:
+    """(C, C) counts: row = class of the query, column = class of its nearest other item
+    (``nn_labels``, e.g. ``labels[per_query(...).nearest]``)."""
+    flat = labels.long() * num_classes + nn_labels.long()
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+@dataclass
+class DistanceSample:
+    """Distances of random same-class and different-class pairs, and how much their
+    histograms overlap (0: separable by a threshold, 1: indistinguishable)."""
+
+    same: torch.Tensor
+    different: torch.Tensor
+    overlap: float
+
+
+@torch.no_grad()
+def distance_sample(emb: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None,
+                    pairs: int = 20000, seed: int = 0, bins: int = 100) -> DistanceSample:
+    """Up to ``pairs`` random pairs of each kind (seeded). The overlap is the sum over
+    ``bins`` shared bins of the smaller of the two normalised histograms."""
+    distance = distance or EuclideanDistance()
+    g = torch.Generator().manual_seed(seed)
+    n = len(emb)
+    i = torch.randint(n, (8 * pairs,), generator=g).to(emb.device)
+    j = torch.randint(n, (8 * pairs,), generator=g).to(emb.device)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    same = labels[i] == labels[j]
+    d = distance.paired(emb[i], emb[j])
+    d_same, d_diff = d[same][:pairs].cpu(), d[~same][:pairs].cpu()
+    return DistanceSample(d_same, d_diff, histogram_overlap(d_same, d_diff, bins))
+
+
+def histogram_overlap(a: torch.Tensor, b: torch.Tensor, bins: int = 100) -> float:
+    """Overlap coefficient of two samples' histograms on shared bins, in [0, 1]."""
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    lo, hi = float(torch.minimum(a.min(), b.min())), float(torch.maximum(a.max(), b.max()))
+    if hi <= lo:
+        return 1.0
+    ha = torch.histc(a.float(), bins, lo, hi) / len(a)
+    hb = torch.histc(b.float(), bins, lo, hi) / len(b)
+    return float(torch.minimum(ha, hb).sum())
+
+
+def pick_queries(hits: torch.Tensor, n_right: int, n_wrong: int, seed: int = 0,
+                 wrong_first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gallery queries: ``n_right`` seeded picks among queries whose nearest neighbour has
+    their class (``hits`` (N,) bool), and the ``n_wrong`` worst failures (largest
+    ``wrong_first`` score, e.g. how far the first right neighbour is; else seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    right = torch.nonzero(hits.cpu()).flatten()
+    wrong = torch.nonzero(~hits.cpu()).flatten()
+    right = right[torch.randperm(len(right), generator=g)[:n_right]]
+    if wrong_first is not None:
+        wrong = wrong[torch.argsort(wrong_first.cpu()[wrong], descending=True, stable=True)]
+    else:
+        wrong = wrong[torch.randperm(len(wrong), generator=g)]
+    return right, wrong[:n_wrong]
+
+
+class PerQuery(NamedTuple):
+    """Leave-one-out results of each of N queries: ``hit1`` (N,) bool, the nearest other
+    item has its class; ``ap`` (N,) float64 AP@R (NaN where the class has no other item);
+    ``nearest`` (N,) its nearest other item. Means of hit1 and ap: P@1 and MAP@R."""
+
+    hit1: torch.Tensor
+    ap: torch.Tensor
+    nearest: torch.Tensor
+
+
+@torch.no_grad()
+def per_query(emb: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None
+              ) -> PerQuery:
+    """``PerQuery`` for (N, D) embeddings; neighbours in order of (distance, index)."""
+    distance = distance or EuclideanDistance()
+    counts = torch.bincount(labels)
+    r = counts[labels] - 1
+    k = max(1, min(int(r.max()), len(emb) - 1))
+    chunk = max(1, CHUNK_CELLS // max(len(emb), 1))
+    hit1, ap, first = [], [], []
+    ranks = torch.arange(1, k + 1, device=emb.device, dtype=torch.float64)
+    for part in torch.arange(len(emb), device=emb.device).split(chunk):
+        d = distance.pairwise(emb[part], emb)
+        d[torch.arange(len(part), device=d.device), part] = float("inf")
+        vals, idx = d.topk(k, dim=1, largest=False)
+        idx = idx.gather(1, torch.sort(idx, dim=1).indices)  # ties: by index ...
+        idx = idx.gather(1, torch.sort(d.gather(1, idx), dim=1, stable=True).indices)
+        rel = labels[idx] == labels[part, None]
+        rp = r[part]
+        rel &= ranks[None, :] <= rp[:, None]
+        precision = rel.cumsum(1, dtype=torch.float64) / ranks[None, :]
+        ap.append(torch.where(rp > 0, (precision * rel).sum(1) / rp.clamp_min(1),
+                              torch.full_like(rp, float("nan"), dtype=torch.float64)))
+        hit1.append(labels[idx[:, 0]] == labels[part])
+        first.append(idx[:, 0])
+    return PerQuery(torch.cat(hit1), torch.cat(ap), torch.cat(first))
+
+
+def per_class_metrics(labels: torch.Tensor, hit1: torch.Tensor, ap: torch.Tensor,
+                      class_names: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Class name -> P@1, MAP@R and image count, from ``per_query``'s results."""
+    out = {}
+    for c in torch.unique(labels).tolist():
+        sel = labels == c
+        aps = ap[sel]
+        name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
+        out[str(name)] = {"precision_at_1": float(hit1[sel].double().mean()),
+                          "map_at_r": float(aps[~aps.isnan()].mean()) if (~aps.isnan()).any()
+                          else float("nan"), "n": int(sel.sum())}
+    return out

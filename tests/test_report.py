@@ -1,0 +1,119 @@
+"""A run's plots and report.html: every file written, numbers consistent with the summary,
+and the page checked in a real headless browser where one is installed (Debian's
+chromium), else by decoding every inlined image."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import matplotlib.pyplot as plt
+import pytest
+from PIL import Image
+
+from dmlrun import plots
+from tests.conftest import TINY, run_cli
+
+PLOTS = ("embedding.png", "curves.png", "gallery.png", "distances.png", "confusion.png",
+         "per_class.png", "epochs/epoch_000.png", "epochs/epoch_002.png",
+         "epochs/embedding.gif")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_dir):
+    """A run through the real command, so the report has the command to show."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    res = run_cli([*TINY, f"hydra.run.dir={out}"], cwd=out.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def inlined_images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/\w+;base64,([^"]+)"',
+                                                    page)]
+
+
+def test_every_plot_and_the_report_are_written(finished):
+    run_dir, summary = finished
+    for rel in PLOTS:
+        assert (run_dir / "plots" / rel).stat().st_size > 0, rel
+    page = (run_dir / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page  # needs no network
+    assert page.count("<img") == len(inlined_images(page)) == 7  # every plot, inlined
+    for blob in inlined_images(page):
+        Image.open(io.BytesIO(blob)).load()  # decodes
+    assert "dmlrun dataset.train_size=1500" in page.replace("\n", " ")  # the command
+    assert summary["versions"]["torch"] in page
+
+
+def test_per_class_metrics_add_up_to_the_test_metrics(finished):
+    _, summary = finished
+    per_class = summary["per_class"]
+    assert list(per_class) == [str(c) for c in range(10)]
+    n = sum(v["n"] for v in per_class.values())
+    assert n == 800
+    p1 = sum(v["precision_at_1"] * v["n"] for v in per_class.values()) / n
+    assert p1 == pytest.approx(summary["test"]["precision_at_1"], abs=1e-12)
+    map_r = sum(v["map_at_r"] * v["n"] for v in per_class.values()) / n
+    assert map_r == pytest.approx(summary["test"]["map_at_r"], abs=1e-9)
+    assert 0.0 <= summary["distance_overlap"] <= 1.0
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="no chromium; the decoding test "
+                    "above checks the images instead")
+def test_the_report_renders_in_a_headless_browser(finished, tmp_path):
+    run_dir, _ = finished
+    res = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
+                          "--v=0", "--virtual-time-budget=10000", "--dump-dom",
+                          (run_dir / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 'data-images="7"' in res.stdout and 'data-images-ok="true"' in res.stdout
+    assert "CONSOLE" not in res.stderr, res.stderr[-2000:]  # no console message at all
+
+
+def test_a_broken_image_is_marked_by_the_page(tmp_path):
+    from dmlrun import report
+
+    (tmp_path / "p.html").write_text(report.page("t", ['<img alt="x" src="data:image/png;'
+                                                       'base64,AAAA">']))
+    if not shutil.which("chromium"):
+        pytest.skip("no chromium")
+    res = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                          "--virtual-time-budget=10000", (tmp_path / "p.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert 'data-images-ok="false"' in res.stdout and "image failed to load" in res.stdout
+
+
+def test_a_one_epoch_axis_has_whole_epochs():
+    fig, ax = plt.subplots()
+    ax.plot([0.25, 0.5, 1.0], [1, 2, 3])
+    plots._epoch_axis(ax, 1)
+    assert list(ax.get_xticks()) == [0, 1]
+    plt.close(fig)
+
+
+def test_summary_json_is_valid_json_with_the_new_fields(finished):
+    run_dir, _ = finished
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"per_class", "distance_overlap", "plot_seconds"} <= set(summary)
+
+
+def test_evaluate_draws_the_same_plots_for_a_finished_run(finished, tmp_path):
+    import sys
+
+    run_dir, summary = finished
+    out = tmp_path / "eval.json"
+    res = run_cli([str(run_dir), "--plots", "--output", str(out)], cwd=tmp_path,
+                  exe=[sys.executable, "-m", "dmlrun.evaluate_cli"],
+                  env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["per_class"] == summary["per_class"]  # graded as the run graded itself
+    for name in ("embedding.png", "gallery.png", "distances.png", "confusion.png",
+                 "per_class.png"):
+        assert (run_dir / "plots" / "evaluate-mnist-test" / name).stat().st_size > 0
