@@ -15,6 +15,9 @@ from omegaconf import OmegaConf
 
 from dmlrun.evaluate import METRIC_NAMES
 
+SHORT = {"precision_at_1": "P@1", "recall_at_1": "R@1", "recall_at_2": "R@2",
+         "recall_at_4": "R@4", "recall_at_8": "R@8", "r_precision": "R-precision",
+         "map_at_r": "MAP@R", "knn_accuracy": "kNN accuracy", "nmi": "NMI", "ami": "AMI"}
 # (file under plots/, caption), in reading order
 RUN_PLOTS = (
     ("embedding.png", "Test embeddings of the best epoch"),
@@ -29,9 +32,9 @@ RUN_PLOTS = (
 )
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;
-padding:3px 8px;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{
-text-align:left}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
+table{border-collapse:collapse;margin:.5em 0 1.5em;display:block;overflow-x:auto}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
 figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}figcaption{color:#555}
 .bad{color:#b00}
 """
@@ -86,7 +89,7 @@ def _metrics_table(summary: dict) -> str:
     rows = {"trained (test)": summary.get("test", {}), "best epoch (val)": summary.get("val", {}),
             **{f"{k} (test)": v for k, v in summary.get("baselines", {}).items()}}
     cols = [m for m in METRIC_NAMES if any(m in r for r in rows.values())]
-    return table(["model", *cols],
+    return table(["model", *(SHORT.get(c, c) for c in cols)],
                  [[name, *(r.get(c, math.nan) for c in cols)] for name, r in rows.items()])
 
 
