@@ -150,6 +150,7 @@ class Parts:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any  # an LRScheduler or None
+    augment: Any = None  # a callable on float batches, or None
 
 
 def check_config(cfg: DictConfig, world: int = 1) -> None:
@@ -246,7 +247,9 @@ def validate_config(cfg: DictConfig, world: int = 1,
                               param_groups(model, loss))
     scheduler = build_partial(cfg.scheduler, f"scheduler={choice(cfg, 'scheduler')}",
                               optimizer) if has_target(cfg.scheduler) else None
-    return Parts(loss, comps.miner, comps.sampler, model, optimizer, scheduler)
+    augment = build(cfg.augment, f"augment={choice(cfg, 'augment')}") \
+        if has_target(cfg.get("augment")) else None
+    return Parts(loss, comps.miner, comps.sampler, model, optimizer, scheduler, augment)
 
 
 def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
@@ -380,6 +383,8 @@ def _log_start(cfg: DictConfig, run_dir: Path, ranks: Ranks, device: torch.devic
     if parts.miner is not None:
         log.info("miner %r; optimizer lr %s%s", parts.miner, cfg.optimizer.get("lr"),
                  f", warm-up over {cfg.trainer.warmup_epochs} epoch(s)" if warmup > 0 else "")
+    if parts.augment is not None:
+        log.info("augmentation on the device: %r", parts.augment)
     if ranks.launched:
         log.info("%d process%s (%s), each with %d of the %d images per batch; mining %s",
                  ranks.world, "es" if ranks.world > 1 else "",
@@ -538,7 +543,7 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
                           float(cfg.semi.get("unlabeled_weight", 1.0)),
                           str(tcfg.get("nonfinite", "stop")), signals.received, ranks.world,
                           str(tcfg.get("mining", "global")),
-                          float(tcfg.get("warmup_epochs", 0.0)))
+                          float(tcfg.get("warmup_epochs", 0.0)), parts.augment)
     eval_bs = int(tcfg.eval_batch_size)
     if semi is None:
         def next_epoch() -> Epoch:

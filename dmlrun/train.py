@@ -48,6 +48,8 @@ class StepConfig:
     # Linear learning-rate warm-up over the first ``warmup_epochs`` epochs (fractions
     # allowed), per step, on top of the epoch scheduler's rate; 0 = none.
     warmup_epochs: float = 0.0
+    # Applied to every float training batch on the device (e.g. augment.RandomAffine).
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def gathers(self) -> bool:
@@ -155,6 +157,8 @@ def batch_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None,
     sampler's ``tuples``) and compute the loss. With global mining the batch is every
     rank's."""
     x = images_to_float(images)
+    if step_cfg.augment is not None:
+        x = step_cfg.augment(x)
     if step_cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=step_cfg.amp_dtype,
