@@ -41,9 +41,11 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: Any  # an LRScheduler or None
     sampler_rng: torch.Generator
+    semi: Any = None  # a semi.SemiSupervision (its pseudo-labels), or None
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "semi": self.semi.state_dict() if self.semi is not None else None,
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -60,6 +62,8 @@ class TrainingState:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.sampler_rng.set_state(state["sampler_rng"])
+        if self.semi is not None:
+            self.semi.load_state_dict(state["semi"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
 

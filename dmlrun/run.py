@@ -175,7 +175,7 @@ def check_config(cfg: DictConfig, world: int = 1) -> None:
         (int(cfg.evaluation.knn_k) >= 1, f"evaluation.knn_k must be >= 1, got "
                                          f"{cfg.evaluation.knn_k}"),
     ]
-    checks += _semi_checks(cfg, world)
+    checks += _semi_checks(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -183,7 +183,7 @@ def check_config(cfg: DictConfig, world: int = 1) -> None:
     resolve_amp(tcfg.amp, torch.device("cpu"))
 
 
-def _semi_checks(cfg: DictConfig, world: int) -> list[tuple[bool, str]]:
+def _semi_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
     per_class = cfg.dataset.get("labeled_per_class")
     method = choice(cfg, "semi")
     if per_class is None:
@@ -195,10 +195,6 @@ def _semi_checks(cfg: DictConfig, world: int) -> list[tuple[bool, str]]:
                               f"positive pair), got {per_class}"),
         (not cfg.sampler.get("yields"), "semi-supervised runs draw P x K batches: use "
                                         "sampler=pk"),
-        (not cfg.trainer.get("resume"), "trainer.resume does not support semi-supervised "
-                                        "runs yet"),
-        (world == 1, "semi-supervised runs (dataset.labeled_per_class) train in one process "
-                     "for now; drop torchrun / trainer.devices"),
     ]
 
 
@@ -303,7 +299,7 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: t
                   amp_dtype, names, logger)
     semi = _semi_supervision(cfg, ctx.data, parts.sampler, run_dir)
     training = TrainingState(parts.model, parts.loss, parts.optimizer, parts.scheduler,
-                             torch.Generator().manual_seed(int(cfg.seed)))
+                             torch.Generator().manual_seed(int(cfg.seed)), semi)
     recorder = Recorder(run_dir, str(cfg.trainer.monitor),
                         OmegaConf.to_container(cfg, resolve=True))
     evaluator = Evaluator(parts.model, parts.loss.distance, int(cfg.evaluation.knn_k),
@@ -553,8 +549,11 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
         train_split = data.train
     else:
         def next_epoch() -> Epoch:
-            return semi.next_epoch(lambda: embed_split(parts.model, data.train, eval_bs,
-                                                       ctx.amp_dtype), training.sampler_rng)
+            # rank 0 refreshes the pseudo-labels and shares them; every rank draws the
+            # same epoch and keeps its slice of each batch
+            return distributed.shard(semi.next_epoch(
+                lambda: embed_split(parts.model, data.train, eval_bs, ctx.amp_dtype),
+                training.sampler_rng, ranks.main, distributed.broadcast), ranks)
         train_split = data.train.with_labels(semi.labels)
     patience = tcfg.get("early_stopping_patience")
     on_epoch_end = EpochEnd(recorder, training, semi, ctx.logger,

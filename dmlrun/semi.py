@@ -195,19 +195,38 @@ class SemiSupervision:
         self.epoch_no = 0
         self.quality: dict[str, float] = {}
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps to continue: the current labels (pseudo-labels where
+        unlabeled), which pseudo-labels are kept, the epoch count."""
+        return {"labels": self.labels.cpu(),
+                "keep": None if self.keep is None else self.keep.cpu(),
+                "epoch_no": self.epoch_no}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labels.copy_(state["labels"].to(self.labels.device))
+        self.keep = None if state["keep"] is None else state["keep"].to(self.labels.device)
+        self.epoch_no = int(state["epoch_no"])
+
     def refresh_due(self) -> bool:
         e = self.epoch_no
         return self.method is not None and e > self.warmup and \
             (e - self.warmup - 1) % self.refresh_every == 0
 
-    def next_epoch(self, embed_all, g: torch.Generator):
+    def next_epoch(self, embed_all, g: torch.Generator, main: bool = True,
+                   share=lambda value: value):
         """Draw the next epoch; ``embed_all()`` gives (N, D) embeddings of every training
-        image and is called only when pseudo-labels are refreshed."""
+        image and is called only when pseudo-labels are refreshed, by the ``main``
+        process; ``share`` hands its pseudo-labels to every process (several processes:
+        a broadcast from rank 0), so all draw the same epoch."""
         self.epoch_no += 1
         self.quality = {}
         if self.refresh_due():
             pseudo = self.method(embed_all(), self.labeled, self.truth[self.labeled],
-                                 self.num_classes)
+                                 self.num_classes) if main else None
+            pseudo = share(None if pseudo is None else
+                           PseudoLabels(pseudo.labels.cpu(), pseudo.keep.cpu()))
+            device = self.labels.device
+            pseudo = PseudoLabels(pseudo.labels.to(device), pseudo.keep.to(device))
             self.labels.copy_(pseudo.labels)
             self.keep = pseudo.keep
             self.quality = pseudo_label_quality(pseudo, self.truth, self.labeled)

@@ -70,3 +70,64 @@ def test_semi_method_without_unlabeled_images_is_refused(tmp_path, data_dir):
     cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "semi=propagation"])
     with pytest.raises(ConfigError, match="dataset.labeled_per_class"):
         run(cfg, tmp_path / "run")
+
+
+SEMI = [*TINY, "trainer.epoch_plots=false", "evaluation.baselines=false",
+        "semi=propagation", "dataset.labeled_per_class=10", "sampler.k=10",
+        "semi.warmup_epochs=1", "semi.refresh_every=1"]
+
+
+def test_a_resumed_semi_run_equals_an_uninterrupted_one(tmp_path, data_dir):
+    """Killed (SIGKILL) after its first epoch, with pseudo-labels refreshed every epoch,
+    and resumed: the same records and test metrics as a run never stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import DATA_DIR, run_cli
+
+    args = [*SEMI, "trainer.max_epochs=3", "sampler.batches_per_epoch=12"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    res = run_cli([*args, f"hydra.run.dir={whole}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    env = {**os.environ, "DMLRUN_DATA_DIR": str(DATA_DIR)}
+    proc = subprocess.Popen([sys.executable, "-m", "dmlrun", *args,
+                             f"hydra.run.dir={killed}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    state = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)
+    assert state["semi"]["epoch_no"] == state["epoch"]  # the pseudo-labels are saved
+    res = run_cli([*args, f"trainer.resume={killed}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    timing = {"train_seconds", "samples_per_s", "epoch_seconds"}
+
+    def records(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    assert records(killed) == records(whole)
+    a = json.loads((whole / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
+
+
+def test_a_two_process_semi_run_writes_one_folder(tmp_path, data_dir):
+    from tests.conftest import run_cli
+
+    res = run_cli([*SEMI, "trainer.max_epochs=2", "trainer.devices=2"], cwd=tmp_path,
+                  timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "pseudo_accuracy" in rows[1]  # rank 0's pseudo-labels, shared with rank 1
