@@ -59,6 +59,8 @@ COLLAPSE_RATIO = 0.01  # class distances this small a fraction of the start: col
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra's
 SPECIALISATIONS = ("loss_miner", "loss_miner_optimizer")  # config.yaml's optional groups
+# trainer.compile: off, or a torch.compile mode ("reduce-overhead" captures CUDA graphs)
+COMPILE_MODES = (None, False, "default", "reduce-overhead", "max-autotune")
 
 
 # ---------------------------------------------------------------- entry points
@@ -168,6 +170,9 @@ def check_config(cfg: DictConfig, world: int = 1) -> None:
         (str(tcfg.get("mining", "global")) in ("global", "local"),
          f"trainer.mining must be global or local, got {tcfg.get('mining')!r}"),
         (int(tcfg.log_every) >= 1, f"trainer.log_every must be >= 1, got {tcfg.log_every}"),
+        (tcfg.get("compile") in COMPILE_MODES,
+         f"trainer.compile must be one of {', '.join(map(str, COMPILE_MODES))}, got "
+         f"{tcfg.get('compile')!r}"),
         (float(tcfg.get("warmup_epochs", 0)) >= 0,
          f"trainer.warmup_epochs must be >= 0, got {tcfg.get('warmup_epochs')}"),
         (int(tcfg.eval_batch_size) >= 1,
@@ -562,6 +567,11 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
     if ranks.launched:  # averages gradients over ranks during backward
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if tcfg.get("compile"):  # the training forward and backward; evaluation stays eager
+        log.info("torch.compile(mode=%s) for training; the first steps compile", tcfg.compile)
+        model = torch.compile(model, mode=None if tcfg.compile == "default" else
+                              str(tcfg.compile))
+
     def on_steps(epoch: int, steps: torch.Tensor) -> None:
         rows = recorder.write_steps(epoch, steps)
         if ctx.logger is not None:

@@ -266,3 +266,14 @@ def test_bad_values_raise_config_error(tmp_path, data_dir, bad, match):
     with pytest.raises(ConfigError, match=match):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_and_saves_plain_weights(tmp_path, data_dir):
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.epoch_plots=false",
+                              "evaluation.baselines=false", "trainer.compile=default"])
+    summary = run(cfg, tmp_path / "run")
+    assert summary["test"]["precision_at_1"] > 0.3
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
+    assert dmlrun.load_embedder(tmp_path / "run")(torch.zeros(1, 1, 28, 28)).shape == (1, 2)

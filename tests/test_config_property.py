@@ -51,3 +51,9 @@ def test_invalid_overrides_are_caught_and_valid_ones_build(values, groups):
 def test_each_invalid_value_names_its_setting(override, match):
     with pytest.raises(ConfigError, match=match):
         validate_config(compose_cfg([override]))
+
+
+def test_compile_modes_are_checked():
+    with pytest.raises(ConfigError, match="trainer.compile must be one of"):
+        validate_config(compose_cfg(["trainer.compile=fast"]))
+    validate_config(compose_cfg(["trainer.compile=reduce-overhead"]))
