@@ -2,6 +2,7 @@
 
     python scripts/bench.py                      # 1 full epoch per training path
     python scripts/bench.py --steps 50           # quicker, fewer steps per path
+    python scripts/bench.py --eval               # only the evaluation benchmark
 
 Training, for the default convnet (2-D), batch 256 (8 classes x 32), triplet loss with
 batch-hard mining, on the current device, the three paths measured in alternating rounds:
@@ -10,14 +11,19 @@ batch-hard mining, on the current device, the three paths measured in alternatin
       pytorch-metric-learning's MPerClassSampler, BatchHardMiner and TripletMarginLoss;
   (c) the ceiling: forward + backward + optimizer step on one fixed in-memory batch,
       no data, no mining.
-Evaluation: embed the 10k test set, then P@1 and MAP@R (leave-one-out, exact), dmlrun vs
-pytorch-metric-learning's AccuracyCalculator (faiss). Needs the [dev] extras.
+Evaluation: the metric computation alone, leave-one-out and exact, on the same fixed
+embeddings in the same process (64-D, 10 classes, one Gaussian per class): dmlrun's
+retrieval_metrics (P@1, Recall@K, R-precision, MAP@R, kNN) against pytorch-metric-learning's
+AccuracyCalculator (faiss; P@1, R-precision, MAP@R), in alternating rounds, on 10,000 points;
+then dmlrun alone on 60,000 (with --eval-pml-60k, AccuracyCalculator too: minutes).
+Needs the [dev] extras.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -25,7 +31,7 @@ import torch
 
 from dmlrun.data.idx import load_mnist
 from dmlrun.data.samplers import Epoch, PKSampler
-from dmlrun.evaluate import embed, retrieval_metrics
+from dmlrun.evaluate import retrieval_metrics
 from dmlrun.losses import TripletLoss
 from dmlrun.miners import HardMiner
 from dmlrun.models import ConvNet
@@ -146,35 +152,68 @@ def interleaved(paths: dict, steps: int, device, rounds: int = 4) -> dict[str, f
     return {k: samples[k] / seconds[k] for k in paths}
 
 
-def bench_eval(data, root, device) -> tuple[float, float, dict, dict]:
+def clustered_embeddings(n: int, dim: int = 64, classes: int = 10, seed: int = 0):
+    """(n, dim) float32 embeddings, a unit Gaussian per class around centres drawn from
+    N(0, I), and their (n,) labels: P@1 about 0.999, MAP@R about 0.91."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    centres = torch.randn(classes, dim, generator=g)
+    return centres[labels] + torch.randn(n, dim, generator=g), labels
+
+
+def alternating(fns: dict, rounds: int, device) -> tuple[dict, dict]:
+    """Seconds per call of each function, over rounds in alternating order (so drifts in
+    machine speed hit all alike), and each one's last result."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results = {}
+    for r in range(rounds):
+        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
+            sync(device)
+            t0 = time.perf_counter()
+            results[name] = fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times, results
+
+
+def bench_eval(device, rounds: int, pml_60k: bool) -> None:
+    """Leave-one-out P@1, R-precision and MAP@R on fixed embeddings, metric computation only:
+    dmlrun's retrieval_metrics against pytorch-metric-learning's AccuracyCalculator."""
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-    from torchvision import datasets, transforms
 
-    model = model_for(device, False).eval()
-    sync(device)
-    t0 = time.perf_counter()
-    emb = embed(model, data.test.images)
-    ours = retrieval_metrics(emb, data.test.labels)
-    sync(device)
-    t_ours = time.perf_counter() - t0
+    calc = AccuracyCalculator(include=("precision_at_1", "r_precision",
+                                       "mean_average_precision_at_r"), device=device)
 
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    ds = datasets.MNIST(root, train=False, transform=tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=2048)
-    ref_model = model_for(device, False, mean=0.0, std=1.0).eval()
-    ref_model.load_state_dict({k: v for k, v in model.state_dict().items()
-                               if k not in ("mean", "std")}, strict=False)
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
-                              device=device)
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        embs, labels = zip(*[(ref_model(x.to(device)), y) for x, y in loader], strict=True)
-    ref = calc.get_accuracy(torch.cat(embs), torch.cat(labels).to(device),
-                            ref_includes_query=True)
-    sync(device)
-    t_ref = time.perf_counter() - t0
-    return t_ours, t_ref, ours, ref
+    def ours(emb, labels):
+        m = retrieval_metrics(emb, labels)
+        return m["precision_at_1"], m["r_precision"], m["map_at_r"]
+
+    def pml(emb, labels):
+        m = calc.get_accuracy(emb, labels, ref_includes_query=True)
+        return m["precision_at_1"], m["r_precision"], m["mean_average_precision_at_r"]
+
+    names = {"dmlrun": "dmlrun retrieval_metrics", "pml": "pml AccuracyCalculator (faiss)"}
+    emb, labels = clustered_embeddings(1000)
+    ours(emb.to(device), labels.to(device)), pml(emb.to(device), labels.to(device))  # warm-up
+    print("\n| leave-one-out, 64-D | path | rounds | median s | min s | P@1 | R-precision "
+          "| MAP@R |\n|---|---|---|---|---|---|---|---|")
+    speed_ups = []
+    for n, with_pml, n_rounds in ((10_000, True, rounds), (60_000, pml_60k, 1)):
+        emb, labels = (t.to(device) for t in clustered_embeddings(n))
+        fns = {"dmlrun": lambda e=emb, y=labels: ours(e, y)}
+        if with_pml:
+            fns["pml"] = lambda e=emb, y=labels: pml(e, y)
+        times, results = alternating(fns, n_rounds, device)
+        for key, ts in times.items():
+            p1, rp, mapr = results[key]
+            print(f"| {n:,} | {names[key]} | {len(ts)} | {statistics.median(ts):.2f} | "
+                  f"{min(ts):.2f} | {p1:.4f} | {rp:.4f} | {mapr:.4f} |", flush=True)
+        if with_pml:
+            ratio = statistics.median(times["pml"]) / statistics.median(times["dmlrun"])
+            rounds_ = ", ".join(f"{b / a:.1f}x" for a, b in zip(times["dmlrun"], times["pml"],
+                                                                strict=True))
+            speed_ups.append(f"{n:,}: {ratio:.1f}x (per round {rounds_})")
+    print("\neval speed-up, median AccuracyCalculator / median dmlrun: " + "; ".join(speed_ups))
 
 
 def bench_scaling(data, device, amp, channels_last, steps=15) -> None:
@@ -213,8 +252,20 @@ def main() -> None:
     p.add_argument("--data", default=os.environ.get("DMLRUN_DATA_DIR", "data"))
     p.add_argument("--scaling", action="store_true",
                    help="only the batch-size scaling table (samples/s, miner cost)")
+    p.add_argument("--eval", action="store_true",
+                   help="only the evaluation benchmark (metric computation, no training)")
+    p.add_argument("--eval-rounds", type=int, default=3,
+                   help="alternating rounds of the 10k evaluation benchmark")
+    p.add_argument("--eval-pml-60k", action="store_true",
+                   help="also time AccuracyCalculator on the 60k set (several minutes)")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.eval:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else \
+            f"cpu ({torch.get_num_threads()} threads)"
+        print(f"device {name}, torch {torch.__version__}")
+        bench_eval(device, args.eval_rounds, args.eval_pml_60k)
+        return
     amp = torch.bfloat16 if device.type == "cuda" else None
     channels_last = device.type == "cpu"
     root = str(Path(args.data))
@@ -240,13 +291,7 @@ def main() -> None:
     print(f"\na/b = {a / b:.2f}, a/c = {a / c:.2f}  (dmlrun epoch: loss {stats['train_loss']:.3f},"
           f" {stats['mined_per_step']:.0f} triplets/step)")
 
-    t_ours, t_ref, ours, ref = bench_eval(data, root, device)
-    print("\n| evaluation of 10k test images | seconds | P@1 | MAP@R |\n|---|---|---|---|")
-    print(f"| dmlrun embed + retrieval_metrics | {t_ours:.2f} | {ours['precision_at_1']:.4f} "
-          f"| {ours['map_at_r']:.4f} |")
-    print(f"| DataLoader + AccuracyCalculator | {t_ref:.2f} | {ref['precision_at_1']:.4f} | "
-          f"{ref['mean_average_precision_at_r']:.4f} |")
-    print(f"\neval speed-up: {t_ref / t_ours:.2f}x")
+    bench_eval(device, args.eval_rounds, args.eval_pml_60k)
 
 
 if __name__ == "__main__":

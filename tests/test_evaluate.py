@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from dmlrun.distances import CosineDistance, EuclideanDistance
+from dmlrun.distances import (
+    CosineDistance,
+    Distance,
+    DotProductDistance,
+    EuclideanDistance,
+    SquaredEuclideanDistance,
+)
 from dmlrun.evaluate import retrieval_metrics
 
 
@@ -160,3 +166,173 @@ def test_tsne_and_pca_projection():
     assert pts.shape == (120, 2) and "t-SNE" in how
     with pytest.raises(ValueError, match="pca or tsne"):
         project_2d(emb.float(), "umap")
+
+
+# --- the thresholded neighbour search against the former top-k code, made tie-stable ------
+
+
+def sorted_reference(q, ql, r=None, rl=None, distance=None, recall_ks=(1, 2, 4, 8), knn_k=5,
+                     chunk_size=1024):
+    """The former implementation of retrieval_metrics, its top-k replaced by a full stable
+    sort: neighbours by distance, equal distances by reference index."""
+    distance = distance if distance is not None else EuclideanDistance()
+    loo = r is None
+    if loo:
+        r, rl = q, ql
+    classes, ref_counts = torch.unique(rl, return_counts=True)
+    count_of = torch.zeros(int(classes.max()) + 1, dtype=torch.long)
+    count_of[classes] = ref_counts
+    q_in_ref = (ql >= 0) & (ql < len(count_of))
+    r_all = torch.where(q_in_ref, count_of[ql.clamp(0, len(count_of) - 1)], 0) - int(loo)
+    r_all = r_all.clamp_min(0)
+    k_max = min(max(int(r_all.max()), max(recall_ks), knn_k), len(r) - int(loo))
+    totals = dict.fromkeys(("p1", "rp", "map", "knn", *recall_ks), 0.0)
+    ref_classes, ref_ids = torch.unique(rl, return_inverse=True)
+    ranks = torch.arange(1, k_max + 1)
+    for start in range(0, len(q), chunk_size):
+        qc, qlc, rc = q[start:start + chunk_size], ql[start:start + chunk_size], \
+            r_all[start:start + chunk_size]
+        dist = distance.pairwise(qc, r)
+        if loo:
+            rows = torch.arange(len(qc))
+            dist[rows, rows + start] = float("inf")
+        nn_idx = dist.sort(dim=1, stable=True).indices[:, :k_max]
+        hits = rl[nn_idx] == qlc[:, None]
+        totals["p1"] += hits[:, 0].sum().item()
+        votes = torch.zeros(len(qc), len(ref_classes))
+        votes.scatter_add_(1, ref_ids[nn_idx[:, :knn_k]], torch.ones(len(qc), min(knn_k, k_max)))
+        totals["knn"] += (ref_classes[votes.argmax(1)] == qlc).sum().item()
+        for k in recall_ks:
+            totals[k] += hits[:, :k].any(1).sum().item()
+        rel = hits & (ranks[None, :] <= rc[:, None])
+        has_r, r_safe = rc > 0, rc.clamp_min(1).double()
+        totals["rp"] += (rel.sum(1).double() / r_safe)[has_r].sum().item()
+        ap = (rel.cumsum(1).double() / ranks[None, :] * rel).sum(1) / r_safe
+        totals["map"] += ap[has_r].sum().item()
+    n, n_r = len(q), max(int((r_all > 0).sum()), 1)
+    out = {"precision_at_1": totals["p1"] / n, "r_precision": totals["rp"] / n_r,
+           "map_at_r": totals["map"] / n_r, "knn_accuracy": totals["knn"] / n}
+    out.update({f"recall_at_{k}": totals[k] / n for k in recall_ks})
+    return out
+
+
+class ManhattanDistance(Distance):
+    """Not a built-in: retrieval_metrics must call its pairwise as it is."""
+
+    def _pairwise(self, x, y):
+        return torch.cdist(x, y, p=1)
+
+
+def tied_set(n, d, classes, seed, dtype=torch.float32, levels=3):
+    """Embeddings on a small integer grid (many equal distances, some duplicate points),
+    class sizes from 1 up, labels not starting at 0."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g) * 3 + 5
+    labels[:3] = torch.tensor([1, 2, 4])  # three classes with a single member
+    emb = torch.randint(0, levels, (n, d), generator=g).to(dtype) + (labels[:, None] % 7 == 0)
+    return emb, labels
+
+
+DISTANCES = [EuclideanDistance(), SquaredEuclideanDistance(), CosineDistance(),
+             DotProductDistance(), EuclideanDistance(normalize=True), ManhattanDistance()]
+
+
+def assert_same(got, want):
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("distance", DISTANCES, ids=repr)
+def test_leave_one_out_with_ties_matches_sorted_reference(distance, dtype):
+    emb, labels = tied_set(400, 3, 7, 0, dtype)
+    for chunk in (64, 1024):
+        got = retrieval_metrics(emb, labels, distance=distance, chunk_size=chunk)
+        assert_same(got, sorted_reference(emb, labels, distance=distance, chunk_size=chunk))
+
+
+@pytest.mark.parametrize("distance", DISTANCES, ids=repr)
+def test_query_vs_reference_with_ties_matches_sorted_reference(distance):
+    q, ql = tied_set(150, 4, 9, 1)
+    r, rl = tied_set(500, 4, 6, 2)  # some query labels are not in the reference
+    assert not torch.isin(ql, rl).all()
+    kw = {"distance": distance, "recall_ks": (1, 3, 10), "knn_k": 7, "chunk_size": 40}
+    assert_same(retrieval_metrics(q, ql, r, rl, **kw), sorted_reference(q, ql, r, rl, **kw))
+
+
+@pytest.mark.parametrize("distance", [EuclideanDistance(), CosineDistance()], ids=repr)
+def test_sampled_threshold_matches_sorted_reference(distance):
+    """Above 4096 references the candidates come from a sampled threshold."""
+    emb, labels = tied_set(4500, 4, 5, 3, levels=4)
+    emb[::2] += torch.rand(2250, 4, generator=torch.Generator().manual_seed(0))
+    got = retrieval_metrics(emb, labels, distance=distance, chunk_size=700)
+    assert_same(got, sorted_reference(emb, labels, distance=distance, chunk_size=700))
+
+
+@pytest.mark.parametrize("threshold", ["too low", "infinite"])
+def test_any_threshold_gives_the_same_metrics(monkeypatch, threshold):
+    """A sampled threshold below the k-th distance is redone exactly; one above it only
+    costs time."""
+    import dmlrun.evaluate as ev
+
+    def fake(dist, k):
+        return dist.min(1).values if threshold == "too low" else torch.full((len(dist),), 1e30)
+
+    emb, labels = tied_set(300, 3, 4, 4)
+    want = retrieval_metrics(emb, labels, chunk_size=50)
+    monkeypatch.setattr(ev, "_threshold", fake)
+    assert_same(retrieval_metrics(emb, labels, chunk_size=50), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_generic_sort_matches_packed_keys(monkeypatch, dtype):
+    """The path GPUs take (two stable sorts) against the CPU's packed keys."""
+    import dmlrun.evaluate as ev
+
+    emb, labels = tied_set(500, 3, 6, 5, dtype)
+    q, ql = tied_set(60, 3, 6, 6, dtype)
+    want = [retrieval_metrics(emb, labels, distance=d) for d in DISTANCES[:4]]
+    want.append(retrieval_metrics(q, ql, emb, labels, chunk_size=16))
+    monkeypatch.setattr(ev, "_leading_cpu", ev._leading)
+    got = [retrieval_metrics(emb, labels, distance=d) for d in DISTANCES[:4]]
+    got.append(retrieval_metrics(q, ql, emb, labels, chunk_size=16))
+    for a, b in zip(got, want, strict=True):
+        assert a == b
+
+
+def test_packed_keys_order_signed_zeros_negatives_and_ties():
+    from dmlrun.evaluate import _leading, _leading_cpu
+
+    values = [0.0, -0.0, -1.5, 2.0, -0.0, float("inf"), -1.5, 1e-30, -1e-30, 2.0, 0.0, -3e38]
+    dist = torch.tensor([values, values[::-1]], dtype=torch.float32)
+    flat = torch.arange(dist.numel())
+    bounds = torch.tensor([0, len(values), 2 * len(values)])
+    want = torch.sort(dist, dim=1, stable=True).indices
+    assert torch.equal(_leading_cpu(dist, flat, bounds, len(values)), want)
+    assert torch.equal(_leading(dist, flat, bounds, len(values)), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("distance", DISTANCES[:5] + [SquaredEuclideanDistance(normalize=True),
+                                                      DotProductDistance(normalize=True),
+                                                      CosineDistance(normalize=True)], ids=repr)
+def test_chunk_distances_are_pairwise_bit_for_bit(distance, dtype):
+    from dmlrun.evaluate import _chunk_pairwise
+
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(333, 16, generator=g, dtype=dtype) * 3
+    ref[:5] = ref[5:10]  # duplicates: distances clamped to the minimum
+    queries = torch.cat([ref[:40], torch.randn(60, 16, generator=g, dtype=dtype)])
+    pairwise = _chunk_pairwise(distance, ref)
+    for chunk in (queries[:64], queries[64:], queries[:64]):  # buffers reused, then smaller
+        assert torch.equal(pairwise(chunk), distance.pairwise(chunk, ref))
+
+
+def test_singletons_and_absent_labels_against_brute_force():
+    emb, labels = tied_set(200, 2, 5, 8, torch.float64, levels=50)
+    emb = emb + torch.randn(200, 2, generator=torch.Generator().manual_seed(1), dtype=emb.dtype)
+    got = retrieval_metrics(emb, labels)
+    want = brute_force(emb, labels, emb, labels, loo=True)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-12), k
