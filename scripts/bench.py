@@ -15,8 +15,9 @@ Evaluation: the metric computation alone, leave-one-out and exact, on the same f
 embeddings in the same process (64-D, 10 classes, one Gaussian per class): dmlrun's
 retrieval_metrics (P@1, Recall@K, R-precision, MAP@R, kNN) against pytorch-metric-learning's
 AccuracyCalculator (faiss; P@1, R-precision, MAP@R), in alternating rounds, on 10,000 points;
-then dmlrun alone on 60,000 (with --eval-pml-60k, AccuracyCalculator too: minutes).
-Needs the [dev] extras.
+then dmlrun alone on 60,000: AccuracyCalculator's memory grows with N x R (on 2 CPU
+threads, 10,000 took +6 GiB peak RSS and 20,000 was killed at 23 GiB), so it runs on 60,000
+only with --eval-pml-60k. Needs the [dev] extras.
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def main() -> None:
     p.add_argument("--eval-rounds", type=int, default=3,
                    help="alternating rounds of the 10k evaluation benchmark")
     p.add_argument("--eval-pml-60k", action="store_true",
-                   help="also time AccuracyCalculator on the 60k set (several minutes)")
+                   help="also time AccuracyCalculator on the 60k set (needs ~200 GiB)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.eval:
