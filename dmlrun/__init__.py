@@ -1,7 +1,7 @@
 """dmlrun: a command-line experiment runner for deep metric learning.
 
 The public API: ``load_embedder`` (a trained model from a run folder, as a
-``TrainedEmbedder``).
+``TrainedEmbedder``) and ``evaluate`` (query/reference retrieval metrics).
 They load lazily (PEP 562), deliberately: the commands' ``--help`` answers without
 importing torch.
 """
@@ -15,7 +15,8 @@ from dmlrun import config as _config  # noqa: F401  (registers resolvers)
 
 __version__ = "0.1.0"
 
-_LAZY = {"TrainedEmbedder": "dmlrun.embedder", "load_embedder": "dmlrun.embedder"}
+_LAZY = {"TrainedEmbedder": "dmlrun.embedder", "load_embedder": "dmlrun.embedder",
+         "evaluate": "dmlrun.metrics"}
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +25,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dmlrun' has no attribute {name!r}")
 
 
-__all__ = ["TrainedEmbedder", "__version__", "load_embedder"]
+__all__ = ["TrainedEmbedder", "__version__", "evaluate", "load_embedder"]

@@ -84,7 +84,7 @@ def evaluate_checkpoint(
     from dmlrun import load_embedder
     from dmlrun.checkpoint import load_checkpoint, resolve_checkpoint
     from dmlrun.components import build, resolve_device
-    from dmlrun.evaluate import embed_split, evaluate_embeddings
+    from dmlrun.metrics import embed_split, evaluate_embeddings
 
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")

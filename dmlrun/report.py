@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dmlrun.evaluate import METRIC_NAMES
+from dmlrun.metrics import METRIC_NAMES
 
 SHORT = {"precision_at_1": "P@1", "recall_at_1": "R@1", "recall_at_2": "R@2",
          "recall_at_4": "R@4", "recall_at_8": "R@8", "r_precision": "R-precision",

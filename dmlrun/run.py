@@ -45,8 +45,8 @@ from dmlrun.data.dataset import TensorDataset, chunks
 from dmlrun.data.samplers import Epoch
 from dmlrun.distributed import Ranks
 from dmlrun.errors import ConfigError, Interrupted
-from dmlrun.evaluate import METRIC_NAMES, embed, embed_split, evaluate_embeddings
 from dmlrun.losses.base import MetricLoss
+from dmlrun.metrics import METRIC_NAMES, embed, embed_split, evaluate_embeddings
 from dmlrun.miners.base import Miner
 from dmlrun.recorder import Recorder, TrainingState, check_new_run_dir, check_resumable
 from dmlrun.report import write_run_report

@@ -32,8 +32,8 @@ import torch
 
 from dmlrun.data.idx import load_mnist
 from dmlrun.data.samplers import Epoch, PKSampler
-from dmlrun.evaluate import retrieval_metrics
 from dmlrun.losses import TripletLoss
+from dmlrun.metrics import retrieval_metrics
 from dmlrun.miners import HardMiner
 from dmlrun.models import ConvNet
 from dmlrun.train import StepConfig, train_epoch

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dmlrun.evaluate import clustering_metrics, retrieval_metrics
+from dmlrun.metrics import clustering_metrics, retrieval_metrics
 
 
 def peak_mib() -> float:

@@ -11,8 +11,8 @@ import torch
 
 import dmlrun
 from dmlrun.data.idx import load_mnist
-from dmlrun.evaluate import embed, retrieval_metrics
 from dmlrun.losses import ProxyAnchorLoss
+from dmlrun.metrics import embed, retrieval_metrics
 from dmlrun.run import run
 from tests.conftest import TINY, compose_cfg, run_cli
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from dmlrun.evaluate import clustering_metrics, retrieval_metrics
 from dmlrun.losses import ContrastiveLoss, TripletLoss
+from dmlrun.metrics import clustering_metrics, retrieval_metrics
 from dmlrun.miners import HardMiner, SemiHardMiner
 from tests.conftest import TINY, run_cli
 

@@ -10,7 +10,7 @@ from dmlrun.distances import (
     EuclideanDistance,
     SquaredEuclideanDistance,
 )
-from dmlrun.evaluate import retrieval_metrics
+from dmlrun.metrics import retrieval_metrics
 
 
 def brute_force(q, ql, r, rl, loo):
@@ -148,7 +148,7 @@ def test_kmeans_recovers_separated_clusters():
 
 
 def test_evaluate_embeddings_has_every_metric():
-    from dmlrun.evaluate import METRIC_NAMES, evaluate_embeddings
+    from dmlrun.metrics import METRIC_NAMES, evaluate_embeddings
 
     emb, labels = random_set(200, 3, 4, 8)
     out = evaluate_embeddings(emb, labels)
@@ -274,7 +274,7 @@ def test_sampled_threshold_matches_sorted_reference(distance):
 def test_any_threshold_gives_the_same_metrics(monkeypatch, threshold):
     """A sampled threshold below the k-th distance is redone exactly; one above it only
     costs time."""
-    import dmlrun.evaluate as ev
+    import dmlrun.metrics as ev
 
     def fake(dist, k):
         return dist.min(1).values if threshold == "too low" else torch.full((len(dist),), 1e30)
@@ -288,7 +288,7 @@ def test_any_threshold_gives_the_same_metrics(monkeypatch, threshold):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_generic_sort_matches_packed_keys(monkeypatch, dtype):
     """The path GPUs take (two stable sorts) against the CPU's packed keys."""
-    import dmlrun.evaluate as ev
+    import dmlrun.metrics as ev
 
     emb, labels = tied_set(500, 3, 6, 5, dtype)
     q, ql = tied_set(60, 3, 6, 6, dtype)
@@ -302,7 +302,7 @@ def test_generic_sort_matches_packed_keys(monkeypatch, dtype):
 
 
 def test_packed_keys_order_signed_zeros_negatives_and_ties():
-    from dmlrun.evaluate import _leading, _leading_cpu
+    from dmlrun.metrics import _leading, _leading_cpu
 
     values = [0.0, -0.0, -1.5, 2.0, -0.0, float("inf"), -1.5, 1e-30, -1e-30, 2.0, 0.0, -3e38]
     dist = torch.tensor([values, values[::-1]], dtype=torch.float32)
@@ -318,7 +318,7 @@ def test_packed_keys_order_signed_zeros_negatives_and_ties():
                                                       DotProductDistance(normalize=True),
                                                       CosineDistance(normalize=True)], ids=repr)
 def test_chunk_distances_are_pairwise_bit_for_bit(distance, dtype):
-    from dmlrun.evaluate import _chunk_pairwise
+    from dmlrun.metrics import _chunk_pairwise
 
     g = torch.Generator().manual_seed(7)
     ref = torch.randn(333, 16, generator=g, dtype=dtype) * 3

@@ -263,3 +263,23 @@ def test_a_triplet_family_loss_is_one_python_file_and_one_yaml(tmp_path, data_di
                    "distance=cosine", "loss.margin=3", f"hydra.run.dir={tmp_path / 'r2'}"],
                   cwd=tmp_path, env_extra={"PYTHONPATH": str(tmp_path)})
     assert res.returncode == 2 and "loss.margin=3 can never be met" in res.stderr
+
+
+def test_the_public_evaluate_grades_query_against_reference():
+    import dmlrun
+    import dmlrun.run  # noqa: F401  (importing the package's modules must not hide it)
+    from dmlrun.distances import CosineDistance
+    from dmlrun.metrics import clustering_metrics, retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    q, r = torch.randn(60, 4, generator=g), torch.randn(200, 4, generator=g)
+    ql, rl = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (200,), generator=g)
+    got = dmlrun.evaluate(q, ql, r, rl, distance="cosine")
+    want = retrieval_metrics(q, ql, r, rl, CosineDistance())
+    want.update(clustering_metrics(q, ql, CosineDistance()))
+    assert got == want
+    assert dmlrun.evaluate(q, ql)["precision_at_1"] == retrieval_metrics(q, ql)["precision_at_1"]
+    with pytest.raises(ValueError, match="distance must be"):
+        dmlrun.evaluate(q, ql, distance="manhattan")
+    with pytest.raises(ValueError, match="together"):
+        dmlrun.evaluate(q, ql, r)

@@ -371,3 +371,34 @@ def evaluate_embeddings(
     out = retrieval_metrics(embeddings, labels, distance=distance, knn_k=knn_k)
     out.update(clustering_metrics(embeddings, labels, distance, seed))
     return out
+
+
+DISTANCES = {"euclidean": EuclideanDistance, "cosine": CosineDistance}
+
+
+def evaluate(
+    query: torch.Tensor, query_labels: torch.Tensor, reference: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None, distance: Distance | str = "euclidean",
+    knn_k: int = 5, clustering: bool = True, seed: int = 0,
+) -> dict[str, float]:
+    """Retrieval metrics of (Q, D) ``query`` embeddings against (N, D) ``reference``
+    embeddings (as pytorch-metric-learning's ``AccuracyCalculator.get_accuracy``), exact:
+    P@1, Recall@1/2/4/8, R-precision, MAP@R, kNN accuracy; R counts a query's class in the
+    reference. Without a reference, leave-one-out on the queries. With ``clustering``, NMI
+    and AMI of k-means on the queries. ``distance``: a ``Distance`` (e.g. a trained run's,
+    ``load_embedder(run).distance``), "euclidean" or "cosine"."""
+    if isinstance(distance, str):
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be a Distance or one of {sorted(DISTANCES)}, "
+                             f"got {distance!r}")
+        distance = DISTANCES[distance]()
+    if (reference is None) != (reference_labels is None):
+        raise ValueError("give reference and reference_labels together, or neither")
+    if query.ndim != 2 or len(query) != len(query_labels):
+        raise ValueError(f"expected query (Q, D) and query_labels (Q,), got "
+                         f"{tuple(query.shape)} and {tuple(query_labels.shape)}")
+    out = retrieval_metrics(query.float(), query_labels, None if reference is None else
+                            reference.float(), reference_labels, distance, knn_k=knn_k)
+    if clustering:
+        out.update(clustering_metrics(query.float(), query_labels, distance, seed))
+    return out
