@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from dmlrun.metrics import METRIC_NAMES
@@ -112,6 +113,16 @@ def _figures(run_dir: Path) -> list[str]:
     return out
 
 
+def _resolved_config(run_dir: Path) -> str:
+    """The config with every interpolation as the run resolved it (data root included),
+    from its last checkpoint; "" if there is none."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return ""
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    return OmegaConf.to_yaml(OmegaConf.create(state.get("config", {})))
+
+
 def write_run_report(run_dir: str | Path) -> Path:
     """run_dir/report.html from summary.json, the Hydra files and plots/."""
     run_dir = Path(run_dir)
@@ -135,8 +146,10 @@ def write_run_report(run_dir: str | Path) -> Path:
             "<h2>Test metrics (leave-one-out) beside the baselines</h2>",
             _metrics_table(summary), _per_class_table(summary), "<h2>Plots</h2>",
             *_figures(run_dir), "<h2>Run</h2>", table(["", ""], facts)]
-    if config.is_file():
-        body += ["<h2>Config</h2>", f"<pre>{html.escape(config.read_text())}</pre>"]
+    resolved = _resolved_config(run_dir)
+    if resolved or config.is_file():
+        body += ["<h2>Config (as the run resolved it)</h2>" if resolved else "<h2>Config</h2>",
+                 f"<pre>{html.escape(resolved or config.read_text())}</pre>"]
     path = run_dir / "report.html"
     path.write_text(page(f"dmlrun: {run_dir.name}", body))
     return path

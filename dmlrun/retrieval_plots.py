@@ -125,23 +125,24 @@ def confusion(counts: torch.Tensor, path: str | Path, title: str,
     return _save(fig, path)
 
 
-def per_class_bars(per_class: dict[str, dict[str, float]], path: str | Path,
+def per_class_plot(per_class: dict[str, dict[str, float]], path: str | Path,
                    title: str) -> Path:
-    """P@1 and MAP@R of each class (keys: class names), side by side."""
+    """P@1 and MAP@R of each class (keys: class names) as points on a zoomed axis (bars
+    on an axis that does not start at 0 would exaggerate the differences)."""
     names = list(per_class)
     x = torch.arange(len(names)).float()
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4))
-    for offset, metric, colour in ((-0.2, "precision_at_1", "tab:blue"),
-                                   (0.2, "map_at_r", "tab:green")):
-        values = [per_class[n][metric] for n in names]
-        ax.bar((x + offset).tolist(), values, width=0.4, color=colour, label=metric)
-    low = min(min(v.values()) for v in per_class.values()) if per_class else 0.0
-    ax.set_ylim(max(0.0, low - 0.1), 1.0)
+    for offset, metric, colour in ((-0.12, "precision_at_1", "tab:blue"),
+                                   (0.12, "map_at_r", "tab:green")):
+        ax.plot((x + offset).tolist(), [per_class[n][metric] for n in names], "o",
+                color=colour, label=metric, markersize=7)
     ax.set_xticks(x.tolist(), names, rotation=45 if len(names) > 10 else 0, fontsize=8)
-    ax.set_ylabel("test metric (leave-one-out)")
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylabel("test metric (leave-one-out; zoomed axis)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
+              frameon=False)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -159,7 +160,7 @@ def write_all(emb: torch.Tensor, split: Any, distance: Distance, margin: float |
     confusion(analysis.nn_confusion(labels, labels[pq.nearest], n_classes),
                               plot_dir / "confusion.png", f"{title}: nearest-neighbour "
                               "classes, row-normalised", class_names)
-    per_class_bars(per_class, plot_dir / "per_class.png",
+    per_class_plot(per_class, plot_dir / "per_class.png",
                                    f"{title}: per-class P@1 and MAP@R")
     sample = analysis.distance_sample(emb, labels, distance, seed=seed)
     distance_histograms(sample, plot_dir / "distances.png",

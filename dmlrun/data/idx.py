@@ -74,8 +74,9 @@ def load_idx_dataset(
             f"{folder} data not found: {', '.join(missing)} missing in {raw_dir.resolve()} "
             f"and {how}. Put the four uncompressed files (torchvision's raw layout) there, "
             f"or point the data root elsewhere with DMLRUN_DATA_DIR=<dir> or "
-            f"dataset.root=<dir> (files under <dir>/{folder}/raw/); with network access, "
-            "dataset.download=true fetches them."
+            f"dataset.root=<dir> (files under <dir>/{folder}/raw/)"
+            + ("." if download else "; with network access, dataset.download=true fetches "
+               "them.")
         )
     try:
         train = dataset_cls(str(root_path), train=True, download=False)
