@@ -25,7 +25,8 @@ def decode_image(path: str | Path, image_size: int, channels: int) -> np.ndarray
     mode = {1: "L", 3: "RGB"}[channels]
     try:
         with Image.open(path) as img:
-            img = img.convert(mode).resize((image_size, image_size), Image.BILINEAR)
+            if img.mode != mode or img.size != (image_size, image_size):  # else: as stored
+                img = img.convert(mode).resize((image_size, image_size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
