@@ -154,3 +154,32 @@ def test_streamed_image_folder_trains_exactly_as_in_memory(tmp_path, data_dir):
     assert summaries["true"]["baselines"] == summaries["false"]["baselines"]
     with pytest.raises(UserError, match="stream must be"):
         load_image_folder(str(tmp_path / "imgs"), stream="sometimes")
+
+
+@pytest.mark.parametrize("name,mode", [("g.png", "L"), ("c.png", "RGB"), ("p.png", "P"),
+                                       ("c.jpg", "RGB")])
+def test_the_fast_decoder_gives_pils_pixels(tmp_path, name, mode):
+    """OpenCV reads files already stored as wanted; PIL converts and resizes the rest;
+    either way the pixels are PIL's."""
+    from PIL import Image
+
+    from dmlrun.data.streaming import decode_image
+
+    rng = np.random.default_rng(0)
+    shape = (28, 28) if mode == "L" else (28, 28, 3)
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+    (img.convert("P") if mode == "P" else img).save(tmp_path / name)
+    for channels in (1, 3):
+        for size in (28, 20):
+            with Image.open(tmp_path / name) as ref:
+                want = mode_as(ref, channels, size)
+            got = decode_image(tmp_path / name, size, channels)
+            assert got.shape == want.shape and np.array_equal(got, want), (channels, size)
+
+
+def mode_as(img, channels, size):
+    from PIL import Image
+
+    img = img.convert({1: "L", 3: "RGB"}[channels]).resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
