@@ -3,6 +3,7 @@
     python scripts/bench.py                      # 1 full epoch per training path
     python scripts/bench.py --steps 50           # quicker, fewer steps per path
     python scripts/bench.py --eval               # only the evaluation benchmark
+    python scripts/bench.py --streaming          # image folder: streamed vs in memory
 
 Training, for the default convnet (2-D), batch 256 (8 classes x 32), triplet loss with
 batch-hard mining, on the current device, the three paths measured in alternating rounds:
@@ -17,7 +18,9 @@ retrieval_metrics (P@1, Recall@K, R-precision, MAP@R, kNN) against pytorch-metri
 AccuracyCalculator (faiss; P@1, R-precision, MAP@R), in alternating rounds, on 10,000 points;
 then dmlrun alone on 60,000: AccuracyCalculator's memory grows with N x R (on 2 CPU
 threads, 10,000 took +6 GiB peak RSS and 20,000 was killed at 23 GiB), so it runs on 60,000
-only with --eval-pml-60k. Needs the [dev] extras.
+only with --eval-pml-60k. Streaming: scripts/bench_streaming.py (MNIST saved as PNG files,
+the default run on dataset=image_folder streamed and in memory, alternating). Needs the
+[dev] extras.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -259,7 +264,14 @@ def main() -> None:
                    help="alternating rounds of the 10k evaluation benchmark")
     p.add_argument("--eval-pml-60k", action="store_true",
                    help="also time AccuracyCalculator on the 60k set (needs ~200 GiB)")
+    p.add_argument("--streaming", action="store_true",
+                   help="only the streaming benchmark (runs scripts/bench_streaming.py with "
+                        "its defaults)")
     args = p.parse_args()
+    if args.streaming:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_streaming.py"))],
+                       check=True)
+        return
     device = torch.device(args.device)
     if args.eval:
         name = torch.cuda.get_device_name() if device.type == "cuda" else \
