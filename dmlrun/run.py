@@ -43,10 +43,17 @@ from dmlrun.components import (
 )
 from dmlrun.data.dataset import TensorDataset, chunks
 from dmlrun.data.samplers import Epoch
+from dmlrun.distances import EuclideanDistance
 from dmlrun.distributed import Ranks
 from dmlrun.errors import ConfigError, Interrupted
 from dmlrun.losses.base import MetricLoss
-from dmlrun.metrics import METRIC_NAMES, embed, embed_split, evaluate_embeddings
+from dmlrun.metrics import (
+    METRIC_NAMES,
+    embed,
+    embed_split,
+    evaluate_embeddings,
+    retrieval_metrics,
+)
 from dmlrun.miners.base import Miner
 from dmlrun.recorder import Recorder, TrainingState, check_new_run_dir, check_resumable
 from dmlrun.report import write_run_report
@@ -413,9 +420,22 @@ def _semi_supervision(cfg: DictConfig, data: TensorDataset, sampler: Any,
              len(labeled), len(data.train) - len(labeled), method_node and
              method_node._target_.rsplit(".", 1)[-1])
     s = cfg.semi
+    graph = str(s.get("graph", "embedding"))
+    pixel_p1 = float("nan")
+    if graph == "auto":  # the bar the model must clear before its features take over
+        pixel_p1 = retrieval_metrics(raw_pixels(data.val), data.val.labels,
+                                     distance=EuclideanDistance())["precision_at_1"]
+        log.info("pseudo-labels from raw pixels until the validation P@1 beats theirs "
+                 "(%.4f)", pixel_p1)
     return SemiSupervision(data.train.labels, labeled, data.num_classes, sampler, method,
                            int(s.get("warmup_epochs", 0)), int(s.get("refresh_every", 1)),
-                           int(s.get("p", 10)), int(s.get("k", 25)))
+                           int(s.get("p", 10)), int(s.get("k", 25)), graph, pixel_p1)
+
+
+def raw_pixels(split: Any, batch_size: int = 4096) -> torch.Tensor:
+    """(N, C * H * W) float pixels in [0, 1] of a split."""
+    return torch.cat([x.flatten(1).float() / 255.0 for x in
+                      split.batches(chunks(len(split), batch_size))])
 
 
 class Evaluator:
@@ -434,8 +454,7 @@ class Evaluator:
 
     def baselines(self, split: Any) -> dict[str, dict[str, float]]:
         """The metrics of the untrained model and of raw pixels on ``split``."""
-        raw = torch.cat([x.flatten(1).float() / 255.0 for x in
-                         split.batches(chunks(len(split), self.batch_size))])
+        raw = raw_pixels(split, self.batch_size)
         return {"untrained": self(split)[1],
                 "raw_pixels": evaluate_embeddings(raw, split.labels, self.distance,
                                                   self.knn_k, self.seed)}
@@ -496,6 +515,9 @@ class EpochEnd:
         return distributed.broadcast(self._main(record) if self.ranks.main else False)
 
     def _main(self, record: dict) -> bool:
+        if self.semi is not None and (note := self.semi.observe(
+                record.get("val_precision_at_1", float("nan")))):
+            log.info("epoch %d: %s", record["epoch"], note)
         if self.semi is not None and self.semi.quality:
             record.update(self.semi.quality)
             q = self.semi.quality
@@ -557,7 +579,8 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
             # rank 0 refreshes the pseudo-labels and shares them; every rank draws the
             # same epoch and keeps its slice of each batch
             return distributed.shard(semi.next_epoch(
-                lambda: embed_split(parts.model, data.train, eval_bs, ctx.amp_dtype),
+                lambda space: raw_pixels(data.train) if space == "pixels" else
+                embed_split(parts.model, data.train, eval_bs, ctx.amp_dtype),
                 training.sampler_rng, ranks.main, distributed.broadcast), ranks)
         train_split = data.train.with_labels(semi.labels)
     patience = tcfg.get("early_stopping_patience")

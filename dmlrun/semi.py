@@ -24,6 +24,8 @@ from dmlrun.clustering import kmeans
 from dmlrun.data.samplers import Epoch, PKSampler
 from dmlrun.distances import EuclideanDistance
 
+GRAPH_SPACES = ("embedding", "pixels", "auto")
+
 
 class PseudoLabels(NamedTuple):
     """``labels`` (N,) pseudo-label of every point (labeled points keep their own);
@@ -183,9 +185,16 @@ class SemiSupervision:
 
     def __init__(self, truth: torch.Tensor, labeled: torch.Tensor, num_classes: int,
                  sampler, method=None, warmup_epochs: int = 2, refresh_every: int = 2,
-                 p: int = 10, k: int = 25) -> None:
+                 p: int = 10, k: int = 25, graph: str = "embedding",
+                 pixel_val_p1: float = float("nan")) -> None:
         if warmup_epochs < 0 or refresh_every < 1:
             raise ValueError("need semi.warmup_epochs >= 0 and semi.refresh_every >= 1")
+        if graph not in GRAPH_SPACES:
+            raise ValueError(f"semi.graph must be one of {GRAPH_SPACES}, got {graph!r}")
+        # Where pseudo-labels come from: raw pixels, the model's features, or ("auto")
+        # pixels until the model's validation P@1 beats raw pixels' (pixel_val_p1).
+        self.graph, self.pixel_val_p1 = graph, pixel_val_p1
+        self.space = "pixels" if graph in ("pixels", "auto") else "embedding"
         self.truth, self.labeled = truth, labeled.to(truth.device)
         self.labels = truth.clone()
         self.num_classes, self.sampler, self.method = num_classes, sampler, method
@@ -200,28 +209,40 @@ class SemiSupervision:
         unlabeled), which pseudo-labels are kept, the epoch count."""
         return {"labels": self.labels.cpu(),
                 "keep": None if self.keep is None else self.keep.cpu(),
-                "epoch_no": self.epoch_no}
+                "epoch_no": self.epoch_no, "space": self.space}
 
     def load_state_dict(self, state: dict) -> None:
         self.labels.copy_(state["labels"].to(self.labels.device))
         self.keep = None if state["keep"] is None else state["keep"].to(self.labels.device)
         self.epoch_no = int(state["epoch_no"])
+        self.space = state.get("space", self.space)
+
+    def observe(self, val_p1: float) -> str | None:
+        """After an epoch: with ``graph="auto"``, switch the pseudo-labels' graph from raw
+        pixels to the model's features once its validation P@1 beats raw pixels'.
+        Returns a message when it switches."""
+        if self.graph != "auto" or self.space == "embedding" or not val_p1 > self.pixel_val_p1:
+            return None
+        self.space = "embedding"
+        return (f"pseudo-labels now from the learned features: validation P@1 {val_p1:.4f} "
+                f"beats raw pixels' {self.pixel_val_p1:.4f}")
 
     def refresh_due(self) -> bool:
         e = self.epoch_no
         return self.method is not None and e > self.warmup and \
             (e - self.warmup - 1) % self.refresh_every == 0
 
-    def next_epoch(self, embed_all, g: torch.Generator, main: bool = True,
+    def next_epoch(self, features, g: torch.Generator, main: bool = True,
                    share=lambda value: value):
-        """Draw the next epoch; ``embed_all()`` gives (N, D) embeddings of every training
-        image and is called only when pseudo-labels are refreshed, by the ``main``
-        process; ``share`` hands its pseudo-labels to every process (several processes:
-        a broadcast from rank 0), so all draw the same epoch."""
+        """Draw the next epoch; ``features(space)`` gives (N, F) features of every training
+        image in ``space`` ("pixels" or "embedding") and is called only when pseudo-labels
+        are refreshed, by the ``main`` process; ``share`` hands its pseudo-labels to every
+        process (several processes: a broadcast from rank 0), so all draw the same
+        epoch."""
         self.epoch_no += 1
         self.quality = {}
         if self.refresh_due():
-            pseudo = self.method(embed_all(), self.labeled, self.truth[self.labeled],
+            pseudo = self.method(features(self.space), self.labeled, self.truth[self.labeled],
                                  self.num_classes) if main else None
             pseudo = share(None if pseudo is None else
                            PseudoLabels(pseudo.labels.cpu(), pseudo.keep.cpu()))
@@ -229,7 +250,8 @@ class SemiSupervision:
             pseudo = PseudoLabels(pseudo.labels.to(device), pseudo.keep.to(device))
             self.labels.copy_(pseudo.labels)
             self.keep = pseudo.keep
-            self.quality = pseudo_label_quality(pseudo, self.truth, self.labeled)
+            self.quality = {**pseudo_label_quality(pseudo, self.truth, self.labeled),
+                            "pseudo_from_pixels": float(self.space == "pixels")}
         lab = self.sampler.epoch(self.truth[self.labeled], g)
         indices = self.labeled[lab.indices]
         extra = None

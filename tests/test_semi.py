@@ -7,7 +7,13 @@ import torch
 
 from dmlrun.errors import ConfigError
 from dmlrun.run import run
-from dmlrun.semi import KMeansPseudoLabeler, LabelPropagation, pick_labeled, pseudo_label_quality
+from dmlrun.semi import (
+    KMeansPseudoLabeler,
+    LabelPropagation,
+    SemiSupervision,
+    pick_labeled,
+    pseudo_label_quality,
+)
 from tests.conftest import TINY, compose_cfg
 
 
@@ -131,3 +137,37 @@ def test_a_two_process_semi_run_writes_one_folder(tmp_path, data_dir):
     assert summary["processes"] == 2
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "pseudo_accuracy" in rows[1]  # rank 0's pseudo-labels, shared with rank 1
+
+
+def test_auto_graph_starts_on_pixels_and_switches_when_the_model_beats_them():
+    truth = torch.arange(4).repeat_interleave(10)
+    labeled = pick_labeled(truth, 2, 0)
+    spaces = []
+
+    def method(features, labeled, labels, num_classes):
+        return LabelPropagation(k=3)(features, labeled, labels, num_classes)
+
+    from dmlrun.data.samplers import PKSampler
+
+    semi = SemiSupervision(truth, labeled, 4, PKSampler(4, 2), method, warmup_epochs=0,
+                           refresh_every=1, p=4, k=2, graph="auto", pixel_val_p1=0.9)
+    feats = torch.randn(40, 3) + truth[:, None] * 4.0
+
+    def features(space):
+        spaces.append(space)
+        return feats
+
+    g = torch.Generator().manual_seed(0)
+    semi.next_epoch(features, g)
+    assert semi.observe(0.85) is None  # not better than raw pixels yet
+    semi.next_epoch(features, g)
+    assert "learned features" in semi.observe(0.95)
+    semi.next_epoch(features, g)
+    assert spaces == ["pixels", "pixels", "embedding"]
+    assert semi.quality["pseudo_from_pixels"] == 0.0
+    state = semi.state_dict()
+    fresh = SemiSupervision(truth, labeled, 4, PKSampler(4, 2), method, graph="auto")
+    fresh.load_state_dict(state)
+    assert fresh.space == "embedding"  # a resumed run keeps the switch
+    with pytest.raises(ValueError, match="semi.graph"):
+        SemiSupervision(truth, labeled, 4, PKSampler(4, 2), method, graph="umap")
