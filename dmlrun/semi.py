@@ -195,6 +195,7 @@ class SemiSupervision:
         # pixels until the model's validation P@1 beats raw pixels' (pixel_val_p1).
         self.graph, self.pixel_val_p1 = graph, pixel_val_p1
         self.space = "pixels" if graph in ("pixels", "auto") else "embedding"
+        self._from_pixels: PseudoLabels | None = None  # pixels do not change: computed once
         self.truth, self.labeled = truth, labeled.to(truth.device)
         self.labels = truth.clone()
         self.num_classes, self.sampler, self.method = num_classes, sampler, method
@@ -216,6 +217,15 @@ class SemiSupervision:
         self.keep = None if state["keep"] is None else state["keep"].to(self.labels.device)
         self.epoch_no = int(state["epoch_no"])
         self.space = state.get("space", self.space)
+
+    def _pseudo_labels(self, features) -> PseudoLabels:
+        if self.space == "pixels" and self._from_pixels is not None:
+            return self._from_pixels
+        pseudo = self.method(features(self.space), self.labeled, self.truth[self.labeled],
+                             self.num_classes)
+        if self.space == "pixels":
+            self._from_pixels = pseudo
+        return pseudo
 
     def observe(self, val_p1: float) -> str | None:
         """After an epoch: with ``graph="auto"``, switch the pseudo-labels' graph from raw
@@ -242,8 +252,7 @@ class SemiSupervision:
         self.epoch_no += 1
         self.quality = {}
         if self.refresh_due():
-            pseudo = self.method(features(self.space), self.labeled, self.truth[self.labeled],
-                                 self.num_classes) if main else None
+            pseudo = self._pseudo_labels(features) if main else None
             pseudo = share(None if pseudo is None else
                            PseudoLabels(pseudo.labels.cpu(), pseudo.keep.cpu()))
             device = self.labels.device

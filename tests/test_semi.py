@@ -163,7 +163,7 @@ def test_auto_graph_starts_on_pixels_and_switches_when_the_model_beats_them():
     semi.next_epoch(features, g)
     assert "learned features" in semi.observe(0.95)
     semi.next_epoch(features, g)
-    assert spaces == ["pixels", "pixels", "embedding"]
+    assert spaces == ["pixels", "embedding"]  # the pixels' pseudo-labels are computed once
     assert semi.quality["pseudo_from_pixels"] == 0.0
     state = semi.state_dict()
     fresh = SemiSupervision(truth, labeled, 4, PKSampler(4, 2), method, graph="auto")
