@@ -5,7 +5,6 @@ different-class distance samples and their overlap. Leave-one-out, in query chun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -35,7 +34,7 @@ def nearest(emb: torch.Tensor, queries: torch.Tensor, k: int,
 def nn_confusion(labels: torch.Tensor, nn_labels: torch.Tensor, num_classes: int
                  ) -> torch.Tensor:
     """(C, C) counts: row = class of the query, column = class of its nearest other item
-    (``nn_labels``, e.g. ``labels[per_query(...).nearest]``)."""
+    (``nn_labels``, e.g. ``labels[metrics.per_query(...).nearest]``)."""
     flat = labels.long() * num_classes + nn_labels.long()
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
 
@@ -96,47 +95,9 @@ def pick_queries(hits: torch.Tensor, n_right: int, n_wrong: int, seed: int = 0,
     return right, wrong[:n_wrong]
 
 
-class PerQuery(NamedTuple):
-    """Leave-one-out results of each of N queries: ``hit1`` (N,) bool, the nearest other
-    item has its class; ``ap`` (N,) float64 AP@R (NaN where the class has no other item);
-    ``nearest`` (N,) its nearest other item. Means of hit1 and ap: P@1 and MAP@R."""
-
-    hit1: torch.Tensor
-    ap: torch.Tensor
-    nearest: torch.Tensor
-
-
-@torch.no_grad()
-def per_query(emb: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None
-              ) -> PerQuery:
-    """``PerQuery`` for (N, D) embeddings; neighbours in order of (distance, index)."""
-    distance = distance or EuclideanDistance()
-    counts = torch.bincount(labels)
-    r = counts[labels] - 1
-    k = max(1, min(int(r.max()), len(emb) - 1))
-    chunk = max(1, CHUNK_CELLS // max(len(emb), 1))
-    hit1, ap, first = [], [], []
-    ranks = torch.arange(1, k + 1, device=emb.device, dtype=torch.float64)
-    for part in torch.arange(len(emb), device=emb.device).split(chunk):
-        d = distance.pairwise(emb[part], emb)
-        d[torch.arange(len(part), device=d.device), part] = float("inf")
-        vals, idx = d.topk(k, dim=1, largest=False)
-        idx = idx.gather(1, torch.sort(idx, dim=1).indices)  # ties: by index ...
-        idx = idx.gather(1, torch.sort(d.gather(1, idx), dim=1, stable=True).indices)
-        rel = labels[idx] == labels[part, None]
-        rp = r[part]
-        rel &= ranks[None, :] <= rp[:, None]
-        precision = rel.cumsum(1, dtype=torch.float64) / ranks[None, :]
-        ap.append(torch.where(rp > 0, (precision * rel).sum(1) / rp.clamp_min(1),
-                              torch.full_like(rp, float("nan"), dtype=torch.float64)))
-        hit1.append(labels[idx[:, 0]] == labels[part])
-        first.append(idx[:, 0])
-    return PerQuery(torch.cat(hit1), torch.cat(ap), torch.cat(first))
-
-
 def per_class_metrics(labels: torch.Tensor, hit1: torch.Tensor, ap: torch.Tensor,
                       class_names: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Class name -> P@1, MAP@R and image count, from ``per_query``'s results."""
+    """Class name -> P@1, MAP@R and image count, from ``metrics.per_query``'s results."""
     out = {}
     for c in torch.unique(labels).tolist():
         sel = labels == c

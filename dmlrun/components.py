@@ -160,13 +160,12 @@ def _declared_types(target: str) -> dict[str, tuple[type, ...]]:
 
 
 def _check_value(key: str, value: Any, kinds: tuple[type, ...]) -> None:
-    if isinstance(value, bool) and bool not in kinds and int in kinds and float not in kinds:
-        ok = False  # true/false where a count belongs
+    if value is None:
+        return  # null: allowed, or a default of None the code handles itself
+    if isinstance(value, bool) and bool not in kinds and float not in kinds:
+        ok = False  # true/false where a count belongs (bool is an int to isinstance)
     else:
-        ok = value is None and type(None) in kinds or any(
-            isinstance(value, k) for k in kinds if k is not type(None))
-    if value is None and type(None) not in kinds:
-        ok = True  # a default of None the code handles itself
+        ok = isinstance(value, kinds)
     if not ok:
         shown = [k for k in kinds if k in TYPE_WORDS and not (k is int and float in kinds)]
         words = " or ".join(TYPE_WORDS[k] for k in shown)

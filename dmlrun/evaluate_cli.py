@@ -120,7 +120,6 @@ def _plots(emb, part, data, config: dict, distance, out: Path, title: str) -> di
     from hydra.utils import instantiate
 
     from dmlrun import plots, retrieval_plots
-    from dmlrun.run import loss_margin
 
     seed = int(config.get("seed", 0))
     classes = list(data.class_names) if data.class_names else None
@@ -128,8 +127,9 @@ def _plots(emb, part, data, config: dict, distance, out: Path, title: str) -> di
         "projection", "pca")), seed)
     plots.scatter(points, part.labels, out / "embedding.png", title, class_names=classes,
                   xlabel=how)
-    return retrieval_plots.write_all(emb, part, distance, loss_margin(instantiate(
-        config["loss"])), data.num_classes, out, title, classes, seed)
+    margin = retrieval_plots.loss_margin(instantiate(config["loss"]))
+    return retrieval_plots.write_all(emb, part, distance, margin, data.num_classes, out, title,
+                                     classes, seed)
 
 
 def default_plots_dir(path: str | Path, dataset: str, split: str) -> Path:

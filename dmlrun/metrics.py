@@ -13,8 +13,9 @@ every row, without it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -100,9 +101,29 @@ def retrieval_metrics(
     ref_ids, query_ids = ref_ids.int(), query_ids.int()  # int32: faster lookups
     k_small = min(max(*recall_ks, knn_k), len(reference) - int(leave_one_out))
     k_all = r_all.clamp_min(k_small)  # how many leading neighbours each query needs, in order
+    sums = dict.fromkeys((*RETRIEVAL_NAMES, *(f"recall_at_{k}" for k in recall_ks)), 0.0)
+    for start, stop, nn_idx in _search(queries, reference, distance, k_all, leave_one_out,
+                                       chunk_size):
+        _accumulate(sums, nn_idx, ref_ids, query_ids[start:stop], r_all[start:stop], k_small,
+                    len(ref_classes), recall_ks, knn_k)
+    n, n_with_r = len(queries), max(int((r_all > 0).sum()), 1)
+    out = {"precision_at_1": sums["precision_at_1"] / n}
+    out.update({f"recall_at_{k}": sums[f"recall_at_{k}"] / n for k in recall_ks})
+    out["r_precision"] = sums["r_precision"] / n_with_r
+    out["map_at_r"] = sums["map_at_r"] / n_with_r
+    out["knn_accuracy"] = sums["knn_accuracy"] / n
+    return out
+
+
+def _search(
+    queries: torch.Tensor, reference: torch.Tensor, distance: Distance, k: torch.Tensor,
+    leave_one_out: bool, chunk_size: int,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """For each chunk of queries: (start, stop, (B, max k) reference columns), the first
+    k[b] of row b its k[b] nearest references in order of (distance, index); in
+    leave-one-out the query's own column is left out."""
     pairwise = _chunk_pairwise(distance, reference)
     mask = torch.empty(0, dtype=torch.bool)
-    sums = dict.fromkeys((*RETRIEVAL_NAMES, *(f"recall_at_{k}" for k in recall_ks)), 0.0)
     for start in range(0, len(queries), chunk_size):
         stop = min(start + chunk_size, len(queries))
         dist = pairwise(queries[start:stop])
@@ -113,17 +134,43 @@ def retrieval_metrics(
             dist[rows, rows + start] = float("inf")
         if mask.shape[0] < len(dist) or mask.device != dist.device:
             mask = torch.empty(dist.shape, dtype=torch.bool, device=dist.device)
-        nn_idx = _neighbours(dist, k_all[start:stop], mask[: len(dist)],
-                             start if leave_one_out else None)
-        _accumulate(sums, nn_idx, ref_ids, query_ids[start:stop], r_all[start:stop], k_small,
-                    len(ref_classes), recall_ks, knn_k)
-    n, n_with_r = len(queries), max(int((r_all > 0).sum()), 1)
-    out = {"precision_at_1": sums["precision_at_1"] / n}
-    out.update({f"recall_at_{k}": sums[f"recall_at_{k}"] / n for k in recall_ks})
-    out["r_precision"] = sums["r_precision"] / n_with_r
-    out["map_at_r"] = sums["map_at_r"] / n_with_r
-    out["knn_accuracy"] = sums["knn_accuracy"] / n
-    return out
+        yield start, stop, _neighbours(dist, k[start:stop], mask[: len(dist)],
+                                       start if leave_one_out else None)
+
+
+class PerQuery(NamedTuple):
+    """Leave-one-out results of each of N queries: ``hit1`` (N,) bool, the nearest other
+    item has its class; ``ap`` (N,) float64 AP@R (NaN where the class has no other item);
+    ``nearest`` (N,) its nearest other item. The means of hit1 and of ap (NaN left out)
+    are exactly ``retrieval_metrics``' P@1 and MAP@R: the same search, the same order."""
+
+    hit1: torch.Tensor
+    ap: torch.Tensor
+    nearest: torch.Tensor
+
+
+@torch.no_grad()
+def per_query(embeddings: torch.Tensor, labels: torch.Tensor,
+              distance: Distance | None = None) -> PerQuery:
+    """``PerQuery`` of every item of (N, D) embeddings, leave-one-out."""
+    distance = distance if distance is not None else EuclideanDistance()
+    classes, ids = torch.unique(labels, return_inverse=True)
+    _, r = _query_classes(labels, classes, ids, leave_one_out=True)
+    chunk_size = min(1024, max(16, 2**24 // len(embeddings)))
+    hit1, ap, nearest = [], [], []
+    for start, stop, nn_idx in _search(embeddings, embeddings, distance, r.clamp_min(1),
+                                       True, chunk_size):
+        rq = r[start:stop]
+        width = max(int(rq.max()), 1)
+        ranks = torch.arange(1, width + 1, device=nn_idx.device)
+        hits = ids[nn_idx[:, :width]] == ids[start:stop, None]
+        rel = hits & (ranks[None, :] <= rq[:, None])
+        precision = rel.cumsum(1, dtype=torch.int32) / ranks.double()[None, :]
+        ap.append(torch.where(rq > 0, torch.where(rel, precision, 0.0).sum(1)
+                              / rq.clamp_min(1).double(), float("nan")))
+        hit1.append(hits[:, 0])
+        nearest.append(nn_idx[:, 0])
+    return PerQuery(torch.cat(hit1), torch.cat(ap), torch.cat(nearest))
 
 
 def _query_classes(

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from dmlrun import analysis  # noqa: E402
 from dmlrun.analysis import DistanceSample  # noqa: E402
 from dmlrun.distances import Distance  # noqa: E402
+from dmlrun.metrics import per_query  # noqa: E402
 
 GREEN, RED, GREY = (0.1, 0.65, 0.2), (0.85, 0.1, 0.1), (0.3, 0.3, 0.3)
 BORDER = 3  # pixels of the coloured frame around each tile
@@ -146,6 +147,15 @@ def per_class_plot(per_class: dict[str, dict[str, float]], path: str | Path,
     return _save(fig, path)
 
 
+def loss_margin(loss: Any) -> float | None:
+    """The loss's margin in distance units, if it has one (for the histograms)."""
+    params = getattr(loss, "distance_params", ())
+    for name in ("margin", "neg_margin"):
+        if name in params and "beta_init" not in params:
+            return float(getattr(loss, name))
+    return None
+
+
 def write_all(emb: torch.Tensor, split: Any, distance: Distance, margin: float | None,
               num_classes: int, plot_dir: Path, title: str, class_names: list[str] | None,
               seed: int) -> dict[str, Any]:
@@ -153,7 +163,7 @@ def write_all(emb: torch.Tensor, split: Any, distance: Distance, margin: float |
     per_class.png of (N, D) embeddings of ``split`` (a ``Split`` or ``FileSplit``), graded
     with ``distance``. Returns per-class metrics and the distance overlap."""
     labels = split.labels
-    pq = analysis.per_query(emb, labels, distance)
+    pq = per_query(emb, labels, distance)
     per_class = analysis.per_class_metrics(labels.cpu(), pq.hit1.cpu(), pq.ap.cpu(),
                                            class_names)
     n_classes = max(num_classes, int(labels.max()) + 1)

@@ -648,18 +648,10 @@ def _write_plots(ctx: Context, history: list[dict], recorder: Recorder,
         plots.epoch_frames(frames, data.val.labels[validation.frame_idx], plot_dir / "epochs",
                            f"{data.name} val: loss={names['loss']} miner={names['miner']}",
                            class_names=classes)
-    return retrieval_plots.write_all(test_emb, data.test, ctx.parts.loss.distance,
-                                     loss_margin(ctx.parts.loss), data.num_classes, plot_dir,
-                                     f"{data.name} test", classes, int(cfg.seed))
-
-
-def loss_margin(loss: Any) -> float | None:
-    """The loss's margin in distance units, if it has one (for the histograms)."""
-    params = getattr(loss, "distance_params", ())
-    for name in ("margin", "neg_margin"):
-        if name in params and "beta_init" not in params:
-            return float(getattr(loss, name))
-    return None
+    loss = ctx.parts.loss
+    return retrieval_plots.write_all(test_emb, data.test, loss.distance,
+                                     retrieval_plots.loss_margin(loss), data.num_classes,
+                                     plot_dir, f"{data.name} test", classes, int(cfg.seed))
 
 
 def _write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_state: dict,

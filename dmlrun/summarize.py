@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import functools
 import html
 import json
 import math
@@ -95,16 +96,23 @@ def load_run(path: Path) -> RunInfo:
     return RunInfo(path, flat, "failed" if (path / "FAILED").exists() else "unfinished")
 
 
+@functools.lru_cache(maxsize=4096)
+def _saved_config(path: Path) -> DictConfig | None:
+    """A run's .hydra/config.yaml, read once per run (``setting`` asks it for every key)."""
+    config = path / ".hydra" / "config.yaml"
+    return OmegaConf.load(config) if config.is_file() else None
+
+
 def setting(run: RunInfo, key: str) -> str:
     """The run's value of ``key``: its override, else the default it ran with (read from
     its saved config; a group's choice from the ``_target_`` of that group)."""
     if key in run.config:
         return run.config[key]
-    config = run.path / ".hydra" / "config.yaml"
-    if not config.is_file():
+    config = _saved_config(run.path)
+    if config is None:
         return ""
-    node = OmegaConf.select(OmegaConf.load(config), key, default=None,
-                            throw_on_missing=False, throw_on_resolution_failure=False)
+    node = OmegaConf.select(config, key, default=None, throw_on_missing=False,
+                            throw_on_resolution_failure=False)
     if isinstance(node, DictConfig) and "_target_" in node:
         return f"({str(node._target_).rsplit('.', 1)[-1]})"
     return "" if node is None or isinstance(node, DictConfig) else str(node)

@@ -336,3 +336,24 @@ def test_singletons_and_absent_labels_against_brute_force():
     want = brute_force(emb, labels, emb, labels, loo=True)
     for k, v in want.items():
         assert got[k] == pytest.approx(v, abs=1e-12), k
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_query_results_average_to_the_retrieval_metrics(seed):
+    """The same search as retrieval_metrics: P@1 and MAP@R are the means of the per-query
+    hits and APs, also where distances tie (an integer grid) and a class has one item."""
+    from dmlrun.metrics import per_query
+
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randint(0, 4, (600, 2), generator=g).float()  # many exact ties
+    labels = torch.randint(0, 5, (600,), generator=g)
+    labels[0] = 9  # a class of one: no AP
+    pq = per_query(emb, labels)
+    ref = retrieval_metrics(emb, labels)
+    assert pq.hit1.double().mean().item() == pytest.approx(ref["precision_at_1"], abs=1e-12)
+    assert pq.ap[~pq.ap.isnan()].mean().item() == pytest.approx(ref["map_at_r"], abs=1e-12)
+    assert pq.ap[0].isnan() and not pq.ap[1:].isnan().any()
+    d = torch.cdist(emb, emb).fill_diagonal_(float("inf"))
+    # the nearest other item: the smallest distance, the smallest index among ties
+    assert torch.equal(pq.nearest, torch.stack([torch.nonzero(row == row.min())[0, 0]
+                                                for row in d]))
