@@ -289,7 +289,8 @@ def shard(epoch: Epoch, ranks: Ranks) -> Epoch:
         return idx[:, ranks.rank * per:(ranks.rank + 1) * per]
 
     return replace(epoch, indices=cut(epoch.indices),
-                   extra=None if epoch.extra is None else cut(epoch.extra))
+                   extra=None if epoch.extra is None else cut(epoch.extra),
+                   views=None if epoch.views is None else cut(epoch.views))
 
 
 def check_divisible(sampler: Any, world_size: int, local_mining: bool) -> None:

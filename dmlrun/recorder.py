@@ -53,6 +53,9 @@ class TrainingState:
             "sampler_rng": self.sampler_rng.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
+            # augmentation on the GPU draws from the CUDA generators
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
+            else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -66,6 +69,9 @@ class TrainingState:
             self.semi.load_state_dict(state["semi"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            for index, cuda_state in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, index)
 
 
 def check_new_run_dir(run_dir: Path) -> None:

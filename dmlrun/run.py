@@ -43,7 +43,6 @@ from dmlrun.components import (
 )
 from dmlrun.data.dataset import TensorDataset, chunks
 from dmlrun.data.samplers import Epoch
-from dmlrun.distances import EuclideanDistance
 from dmlrun.distributed import Ranks
 from dmlrun.errors import ConfigError, Interrupted
 from dmlrun.losses.base import MetricLoss
@@ -52,13 +51,19 @@ from dmlrun.metrics import (
     embed,
     embed_split,
     evaluate_embeddings,
-    retrieval_metrics,
 )
 from dmlrun.miners.base import Miner
 from dmlrun.recorder import Recorder, TrainingState, check_new_run_dir, check_resumable
 from dmlrun.report import write_run_report
-from dmlrun.semi import SemiSupervision, pick_labeled
-from dmlrun.train import StepConfig, fit
+from dmlrun.semi import (
+    FEATURE_LAYERS,
+    MIN_GRAPH_DIM,
+    SemiSupervision,
+    feature_layer,
+    penultimate_features,
+    pick_labeled,
+)
+from dmlrun.train import StepConfig, ViewsTerm, fit
 
 log = logging.getLogger("dmlrun")
 
@@ -160,6 +165,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: Any  # an LRScheduler or None
     augment: Any = None  # a callable on float batches, or None
+    views: ViewsTerm | None = None  # semi.views: the two-view loss on unlabeled images
 
 
 def check_config(cfg: DictConfig, world: int = 1) -> None:
@@ -202,11 +208,19 @@ def _semi_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
         return [(cfg.semi.get("method") is None,
                  f"semi={method} needs unlabeled images: set dataset.labeled_per_class=<n> "
                  "(e.g. 10)")]
+    views = cfg.semi.get("views")
+    views_on = views is not None and float(views.weight) > 0
+    features = cfg.semi.get("features", "output")
     return [
         (int(per_class) >= 2, "dataset.labeled_per_class must be >= 2 (a class needs a "
                               f"positive pair), got {per_class}"),
         (not cfg.sampler.get("yields"), "semi-supervised runs draw P x K batches: use "
                                         "sampler=pk"),
+        (features in FEATURE_LAYERS, f"semi.features must be one of "
+                                     f"{', '.join(FEATURE_LAYERS)}, got {features!r}"),
+        (not views_on or int(views.batch) >= 2, "semi.views.batch must be >= 2 (each "
+                                                "image needs another as its negative), "
+                                                f"got {views.batch if views_on else ''}"),
     ]
 
 
@@ -246,6 +260,10 @@ def validate_config(cfg: DictConfig, world: int = 1,
         comps.sampler.check(n_classes)
     distributed.check_divisible(comps.sampler, world,
                                 str(cfg.trainer.get("mining", "global")) == "local")
+    views = views_term(cfg)
+    if views is not None and int(cfg.semi.views.batch) % world:
+        raise ConfigError(f"semi.views.batch={cfg.semi.views.batch} images cannot be shared "
+                          f"evenly by {world} processes; use a multiple of {world}")
     device = device or torch.device("cpu")
     model = build(cfg.model, f"model={choice(cfg, 'model')}").to(device)
     if bool(cfg.trainer.channels_last) and device.type == "cpu":
@@ -257,7 +275,8 @@ def validate_config(cfg: DictConfig, world: int = 1,
                               optimizer) if has_target(cfg.scheduler) else None
     augment = build(cfg.augment, f"augment={choice(cfg, 'augment')}") \
         if has_target(cfg.get("augment")) else None
-    return Parts(loss, comps.miner, comps.sampler, model, optimizer, scheduler, augment)
+    return Parts(loss, comps.miner, comps.sampler, model, optimizer, scheduler, augment,
+                 views)
 
 
 def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
@@ -420,16 +439,24 @@ def _semi_supervision(cfg: DictConfig, data: TensorDataset, sampler: Any,
              len(labeled), len(data.train) - len(labeled), method_node and
              method_node._target_.rsplit(".", 1)[-1])
     s = cfg.semi
-    graph = str(s.get("graph", "embedding"))
-    pixel_p1 = float("nan")
-    if graph == "auto":  # the bar the model must clear before its features take over
-        pixel_p1 = retrieval_metrics(raw_pixels(data.val), data.val.labels,
-                                     distance=EuclideanDistance())["precision_at_1"]
-        log.info("pseudo-labels from raw pixels until the validation P@1 beats theirs "
-                 "(%.4f)", pixel_p1)
+    views = s.get("views")
+    views_batch = int(views.batch) if views is not None and float(views.weight) > 0 else 0
     return SemiSupervision(data.train.labels, labeled, data.num_classes, sampler, method,
                            int(s.get("warmup_epochs", 0)), int(s.get("refresh_every", 1)),
-                           int(s.get("p", 10)), int(s.get("k", 25)), graph, pixel_p1)
+                           int(s.get("p", 10)), int(s.get("k", 25)),
+                           str(s.get("graph", "embedding")), data.val.labels, views_batch)
+
+
+def views_term(cfg: DictConfig) -> ViewsTerm | None:
+    """``semi.views``: the loss on two augmented views of unlabeled images, or None (off)."""
+    views = cfg.semi.get("views")
+    if views is None or float(views.weight) <= 0 or cfg.dataset.get("labeled_per_class") \
+            is None:
+        return None
+    where = f"semi={choice(cfg, 'semi')} semi.views"
+    return ViewsTerm(build(views.loss, f"{where}.loss"), build(views.augment,
+                                                               f"{where}.augment"),
+                     float(views.weight))
 
 
 def raw_pixels(split: Any, batch_size: int = 4096) -> torch.Tensor:
@@ -515,14 +542,16 @@ class EpochEnd:
         return distributed.broadcast(self._main(record) if self.ranks.main else False)
 
     def _main(self, record: dict) -> bool:
-        if self.semi is not None and (note := self.semi.observe(
-                record.get("val_precision_at_1", float("nan")))):
+        if self.semi is not None and (note := self.semi.take_note()):
             log.info("epoch %d: %s", record["epoch"], note)
         if self.semi is not None and self.semi.quality:
             record.update(self.semi.quality)
             q = self.semi.quality
-            log.info("epoch %d: pseudo-labels %.1f%% right on unlabeled images; kept %.1f%% "
-                     "of them, %.1f%% right", record["epoch"], 100 * q["pseudo_accuracy"],
+            log.info("epoch %d: pseudo-labels from %s %.1f%% right on the validation images "
+                     "(hidden: %.1f%% right on the unlabeled training images); kept %.1f%% of "
+                     "them, %.1f%% right", record["epoch"],
+                     "raw pixels" if q["pseudo_from_pixels"] else "the model's features",
+                     100 * q["pseudo_val_accuracy"], 100 * q["pseudo_accuracy"],
                      100 * q["pseudo_kept_fraction"], 100 * q["pseudo_kept_accuracy"])
         self.recorder.save(record, self.training)
         if self.logger is not None:
@@ -566,7 +595,8 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
                           float(cfg.semi.get("unlabeled_weight", 1.0)),
                           str(tcfg.get("nonfinite", "stop")), signals.received, ranks.world,
                           str(tcfg.get("mining", "global")),
-                          float(tcfg.get("warmup_epochs", 0.0)), parts.augment)
+                          float(tcfg.get("warmup_epochs", 0.0)), parts.augment,
+                          parts.views)
     eval_bs = int(tcfg.eval_batch_size)
     if semi is None:
         def next_epoch() -> Epoch:
@@ -579,9 +609,19 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
             # rank 0 refreshes the pseudo-labels and shares them; every rank draws the
             # same epoch and keeps its slice of each batch
             return distributed.shard(semi.next_epoch(
-                lambda space: raw_pixels(data.train) if space == "pixels" else
-                embed_split(parts.model, data.train, eval_bs, ctx.amp_dtype),
-                training.sampler_rng, ranks.main, distributed.broadcast), ranks)
+                features, training.sampler_rng, ranks.main, distributed.broadcast), ranks)
+
+        layer = feature_layer(str(cfg.semi.get("features", "output")),
+                              int(cfg.model.get("embedding_dim", MIN_GRAPH_DIM)))
+
+        def features(space: str) -> torch.Tensor:
+            """(N + V, F) features of every training image, then every validation image,
+            for the pseudo-label graph."""
+            if space == "pixels":
+                return torch.cat([raw_pixels(data.train), raw_pixels(data.val)])
+            embed_fn = penultimate_features if layer == "penultimate" else embed_split
+            return torch.cat([embed_fn(parts.model, split, eval_bs, ctx.amp_dtype)
+                              for split in (data.train, data.val)])
         train_split = data.train.with_labels(semi.labels)
     patience = tcfg.get("early_stopping_patience")
     on_epoch_end = EpochEnd(recorder, training, semi, ctx.logger,

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
+
+
+@dataclass
+class ViewsTerm:
+    """A loss on two augmented views of the same images (each view's only positive is the
+    other; e.g. NT-Xent), weighted by ``weight``: a training signal from unlabeled images
+    that needs no pseudo-label."""
+
+    loss: MetricLoss
+    augment: Callable[[torch.Tensor], torch.Tensor]
+    weight: float = 1.0
 
 
 @dataclass
@@ -50,6 +61,8 @@ class StepConfig:
     warmup_epochs: float = 0.0
     # Applied to every float training batch on the device (e.g. augment.RandomAffine).
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The loss on ``Epoch.views`` batches.
+    views: ViewsTerm | None = None
 
     @property
     def gathers(self) -> bool:
@@ -172,6 +185,17 @@ def batch_loss(model: nn.Module, loss_fn: MetricLoss, miner: Miner | None,
     return BatchResult(out, emb, labels, indices, mined.mined if mined is not None else out.tuples)
 
 
+def views_loss(model: nn.Module, images: torch.Tensor, ids: torch.Tensor,
+               step_cfg: StepConfig) -> torch.Tensor:
+    """``step_cfg.views``'s weighted loss on (U, C, H, W) uint8 ``images``: each is embedded
+    in two views drawn by the term's augmentation, labelled by its (U,) dataset ``ids``
+    so the two views of an image are positives and every other image a negative."""
+    term = step_cfg.views
+    out = batch_loss(model, term.loss, None, torch.cat([images, images]),
+                     torch.cat([ids, ids]), None, replace(step_cfg, augment=term.augment)).out
+    return term.weight * out.loss
+
+
 def _all_reduce_loss_grads(loss_fn: MetricLoss) -> None:
     """DDP averages the model's gradients; the loss's own parameters are averaged here.
     Every rank joins, with or without a gradient."""
@@ -252,6 +276,7 @@ def train_epoch(
     scheduled = [g["lr"] for g in optimizer.param_groups]
     # images come batch by batch (from memory, or decoded ahead from files)
     extras = split.batches(epoch.extra) if epoch.extra is not None else None
+    views = split.batches(epoch.views) if epoch.views is not None else None
     for step, images in zip(progress.bar, split.batches(epoch.indices), strict=True):
         if signum := _stop_signal(step_cfg, step, device):
             raise Interrupted(f"stopped by signal {signum} at step {step + 1} of {desc}",
@@ -265,6 +290,8 @@ def train_epoch(
             total = total + step_cfg.extra_weight * batch_loss(
                 model, loss_fn, miner, next(extras), split.labels[epoch.extra[step]], None,
                 step_cfg).out.loss
+        if views is not None:
+            total = total + views_loss(model, next(views), epoch.views[step], step_cfg)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if step_cfg.world > 1:

@@ -139,35 +139,137 @@ def test_a_two_process_semi_run_writes_one_folder(tmp_path, data_dir):
     assert "pseudo_accuracy" in rows[1]  # rank 0's pseudo-labels, shared with rank 1
 
 
-def test_auto_graph_starts_on_pixels_and_switches_when_the_model_beats_them():
+def test_auto_graph_starts_on_pixels_and_switches_when_the_model_labels_val_better():
     truth = torch.arange(4).repeat_interleave(10)
+    val_truth = torch.arange(4).repeat_interleave(2)
     labeled = pick_labeled(truth, 2, 0)
-    spaces = []
+    train = truth[:, None] * 4.0 + 0.1 * torch.randn(40, 3, generator=torch.Generator()
+                                                     .manual_seed(0))
+    wrong = (val_truth + 1) % 4  # validation points placed in another class's cluster
 
-    def method(features, labeled, labels, num_classes):
-        return LabelPropagation(k=3)(features, labeled, labels, num_classes)
+    def val_points(right: torch.Tensor) -> torch.Tensor:
+        return torch.where(right, val_truth, wrong)[:, None] * 4.0 + torch.zeros(8, 3)
+
+    calls = []
+
+    def features(space):
+        calls.append(space)
+        if space == "pixels":  # half the validation images sit in their own class
+            return torch.cat([train, val_points(torch.arange(8) % 2 == 0)])
+        # the model's features: none right at first, all right from the second refresh
+        good = calls.count("embedding") > 1
+        return torch.cat([train, val_points(torch.full((8,), good))])
 
     from dmlrun.data.samplers import PKSampler
 
-    semi = SemiSupervision(truth, labeled, 4, PKSampler(4, 2), method, warmup_epochs=0,
-                           refresh_every=1, p=4, k=2, graph="auto", pixel_val_p1=0.9)
-    feats = torch.randn(40, 3) + truth[:, None] * 4.0
-
-    def features(space):
-        spaces.append(space)
-        return feats
-
+    semi = SemiSupervision(truth, labeled, 4, PKSampler(4, 2), LabelPropagation(k=3),
+                           warmup_epochs=0, refresh_every=1, p=4, k=2, graph="auto",
+                           val_truth=val_truth)
     g = torch.Generator().manual_seed(0)
     semi.next_epoch(features, g)
-    assert semi.observe(0.85) is None  # not better than raw pixels yet
+    assert semi.take_note() is None and semi.space == "pixels"
+    assert semi.quality["pseudo_val_accuracy"] == 0.5
+    assert semi.quality["pseudo_from_pixels"] == 1.0
     semi.next_epoch(features, g)
-    assert "learned features" in semi.observe(0.95)
+    assert "learned features" in semi.take_note() and semi.take_note() is None
+    assert semi.quality["pseudo_val_accuracy"] == 1.0
     semi.next_epoch(features, g)
-    assert spaces == ["pixels", "embedding"]  # the pixels' pseudo-labels are computed once
+    # the pixels' pseudo-labels are computed once; after the switch only the model's
+    assert calls == ["pixels", "embedding", "embedding", "embedding"]
     assert semi.quality["pseudo_from_pixels"] == 0.0
+    assert len(semi.labels) == 40 and torch.equal(semi.labels, truth)
     state = semi.state_dict()
-    fresh = SemiSupervision(truth, labeled, 4, PKSampler(4, 2), method, graph="auto")
+    fresh = SemiSupervision(truth, labeled, 4, PKSampler(4, 2), LabelPropagation(),
+                            graph="auto", val_truth=val_truth)
     fresh.load_state_dict(state)
     assert fresh.space == "embedding"  # a resumed run keeps the switch
     with pytest.raises(ValueError, match="semi.graph"):
-        SemiSupervision(truth, labeled, 4, PKSampler(4, 2), method, graph="umap")
+        SemiSupervision(truth, labeled, 4, PKSampler(4, 2), LabelPropagation(), graph="umap")
+
+
+def test_knn_indices_match_brute_force():
+    from dmlrun.semi import knn_indices
+
+    x = torch.randn(300, 7, generator=torch.Generator().manual_seed(0))
+    d, idx = knn_indices(x, x, 5, exclude_self=True, chunk=64)
+    full = torch.cdist(x, x).fill_diagonal_(float("inf"))
+    ref = full.topk(5, dim=1, largest=False)
+    assert torch.equal(idx, ref.indices)
+    torch.testing.assert_close(d, ref.values, rtol=1e-4, atol=1e-4)
+
+
+def test_pca_keeps_the_distances_of_data_in_a_subspace():
+    from dmlrun.semi import pca
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(40, 3, generator=g))[0]  # a 3-D subspace of 40-D
+    x = torch.randn(500, 3, generator=g) @ basis.T + 5.0
+    z = pca(x, 3)
+    assert z.shape == (500, 3)
+    torch.testing.assert_close(torch.pdist(z), torch.pdist(x), rtol=1e-3, atol=1e-3)
+    assert pca(x, 64) is x  # already narrow enough
+    assert torch.equal(pca(x, 3), z)  # seeded: the same axes every call
+
+
+def test_label_propagation_recovers_clusters_with_and_without_pca_and_balancing():
+    emb, truth = blobs(spread=0.6, dim=30)
+    labeled = pick_labeled(truth, 2, seed=0)
+    for prop in (LabelPropagation(pca_dims=5), LabelPropagation(pca_dims=None, balance=False)):
+        q = pseudo_label_quality(prop(emb, labeled, truth[labeled], 5), truth, labeled)
+        assert q["pseudo_accuracy"] > 0.97 and q["pseudo_kept_fraction"] == 1.0
+
+
+def test_penultimate_features_are_what_the_last_layer_reads():
+    from dmlrun.data.dataset import Split
+    from dmlrun.models.convnet import ConvNet
+    from dmlrun.semi import feature_layer, penultimate_features
+
+    model = ConvNet(embedding_dim=2, hidden_dim=32)
+    images = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
+    split = Split(images, torch.zeros(50, dtype=torch.long))
+    feats = penultimate_features(model, split, batch_size=16)
+    assert feats.shape == (50, 32)
+    from dmlrun.metrics import embed_split
+
+    torch.testing.assert_close(model.head[-1](feats), embed_split(model, split, 16))
+    assert feature_layer("auto", 2) == "penultimate" and feature_layer("auto", 64) == "output"
+    assert feature_layer("output", 2) == "output"
+    with pytest.raises(ValueError, match="semi.features"):
+        feature_layer("last", 2)
+
+
+def test_two_views_of_an_image_are_each_others_positive():
+    """The views term sees each image twice; with an augmentation that changes nothing,
+    its loss is NT-Xent on the doubled batch labelled by image."""
+    from dmlrun.losses.supcon import NTXentLoss
+    from dmlrun.models.convnet import ConvNet
+    from dmlrun.train import StepConfig, ViewsTerm, views_loss
+
+    model = ConvNet(embedding_dim=8, hidden_dim=32)
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    ids = torch.tensor([4, 9, 1, 7, 0, 3])
+    loss = NTXentLoss(temperature=0.5)
+    cfg = StepConfig(views=ViewsTerm(loss, lambda x: x, weight=0.5))
+    got = views_loss(model, images, ids, cfg)
+    emb = model(images.float() / 255)
+    want = loss(torch.cat([emb, emb]), torch.cat([ids, ids]))
+    torch.testing.assert_close(got, 0.5 * want)
+    # a real augmentation makes the two views differ, so the loss is not the identity's
+    from dmlrun.augment import RandomAffine
+
+    cfg.views.augment = RandomAffine(degrees=30)
+    assert not torch.allclose(views_loss(model, images, ids, cfg), got)
+
+
+def test_views_batches_draw_every_training_image_before_repeating():
+    from dmlrun.data.samplers import PKSampler
+
+    truth = torch.arange(5).repeat(40)  # 200 images
+    labeled = pick_labeled(truth, 2, 0)
+    semi = SemiSupervision(truth, labeled, 5, PKSampler(5, 2, batches_per_epoch=15), None,
+                           views_batch=20)
+    epoch = semi.next_epoch(lambda space: None, torch.Generator().manual_seed(0))
+    views = epoch.views
+    assert views.shape == (15, 20)
+    first = views.flatten()[:200]
+    assert torch.equal(first.sort().values, torch.arange(200))

@@ -23,11 +23,14 @@ class Epoch:
     within-batch pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``, or None for
     online mining. ``extra`` (num_batches, batch_size2): optional second batch per step
     (semi-supervised: labeled + pseudo-labeled images), weighted by
-    ``StepConfig.extra_weight``."""
+    ``StepConfig.extra_weight``. ``views`` (num_batches, batch_size3): optional images per
+    step seen in two augmented views, each other's only positive (semi-supervised, no
+    labels needed; ``StepConfig.views``)."""
 
     indices: torch.Tensor
     tuples: Tuples | None = None
     extra: torch.Tensor | None = None
+    views: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.indices.shape[0]
