@@ -3,6 +3,7 @@ pseudo-label quality."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -243,20 +244,43 @@ def _mining_panel(ax, history: Sequence[dict], steps: Sequence[dict]) -> None:
 
 
 def pseudo_labels(history: Sequence[dict], path: str | Path) -> Path:
-    """Pseudo-label quality at each refresh: accuracy on all unlabeled images, accuracy of
-    the kept ones, and the fraction kept."""
+    """Pseudo-label quality at each refresh: the share right on the unlabeled training
+    images (their hidden labels) and on the validation images (what the run could see),
+    for the graph in use and, while raw pixels are in use, for the model's features; the
+    kept ones' accuracy and the fraction kept when not every pseudo-label is kept; epochs
+    whose pseudo-labels came from raw pixels shaded."""
     path = Path(path)
     rows = [h for h in history if "pseudo_accuracy" in h]
     epochs = [h["epoch"] for h in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h["pseudo_accuracy"] for h in rows], marker="o", label="all unlabeled")
-    ax.plot(epochs, [h["pseudo_kept_accuracy"] for h in rows], marker="o", label="kept")
-    ax.plot(epochs, [h["pseudo_kept_fraction"] for h in rows], "k--", marker="x",
-            label="fraction kept")
-    ax.set_ylabel("pseudo-label accuracy / fraction")
-    ax.set_ylim(0, 1.02)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series = [("pseudo_accuracy", "unlabeled training images (hidden labels)", "-o"),
+              ("pseudo_val_accuracy", "validation images", "--o"),
+              ("pseudo_val_accuracy_features", "validation images, model's features", ":s")]
+    partial = any(h["pseudo_kept_fraction"] < 1 for h in rows)
+    if partial:
+        series.insert(1, ("pseudo_kept_accuracy", "kept pseudo-labels", "-^"))
+    shown: list[float] = []
+    for key, label, style in series:
+        pts = [(h["epoch"], h[key]) for h in rows if math.isfinite(h.get(key, math.nan))]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=label)
+            shown += [v for _, v in pts]
+    for h in rows:
+        if h.get("pseudo_from_pixels"):
+            ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="0.9", zorder=0)
+    if any(h.get("pseudo_from_pixels") for h in rows):
+        ax.fill_between([], [], color="0.9", label="from raw pixels")
+    ax.set_ylabel("pseudo-labels right")
+    ax.set_ylim(max(0.0, min(shown, default=0.0) - 0.03), 1.005)
+    if partial:
+        twin = ax.twinx()
+        twin.plot(epochs, [h["pseudo_kept_fraction"] for h in rows], "k--", marker="x",
+                  label="fraction kept")
+        twin.set_ylim(0, 1.05)
+        twin.set_ylabel("fraction of unlabeled images kept")
+        twin.legend(loc="lower right", fontsize=8)
     ax.set_title("pseudo-labels at each refresh")
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower left")
     _epoch_axis(ax, max(epochs) if epochs else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

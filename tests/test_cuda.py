@@ -77,3 +77,35 @@ def test_torchrun_on_one_gpu_uses_nccl(tmp_path, data_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["backend"] == "nccl" and summary["processes"] == n
     assert summary["test"]["precision_at_1"] > 0.3
+
+
+def test_label_propagation_on_cuda_recovers_what_the_cpu_does():
+    from dmlrun.semi import LabelPropagation, knn_indices, pick_labeled
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.arange(5).repeat_interleave(300)
+    x = (torch.randn(5, 60, generator=g) * 3)[truth] + 0.5 * torch.randn(1500, 60, generator=g)
+    labeled = pick_labeled(truth, 3, 0)
+    d_cpu, i_cpu = knn_indices(x, x, 8, exclude_self=True)
+    d_gpu, i_gpu = knn_indices(x.cuda(), x.cuda(), 8, exclude_self=True)
+    assert (i_gpu.cpu() == i_cpu).float().mean() > 0.99  # near-ties may order apart
+    torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=1e-3, atol=1e-3)
+    prop = LabelPropagation(pca_dims=16)
+    cpu = prop(x, labeled, truth[labeled], 5)
+    gpu = prop(x.cuda(), labeled.cuda(), truth[labeled].cuda(), 5)
+    assert (cpu.labels == truth).float().mean() > 0.99
+    assert (gpu.labels.cpu() == truth).float().mean() > 0.99
+
+
+def test_semi_run_with_views_on_cuda(tmp_path, data_dir):
+    """Pseudo-labels, augmentation and the two-view term on the GPU."""
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("trainer.device")]
+    res = run_cli(args + ["trainer.device=cuda", "experiment=semi_views", "sampler.k=10",
+                          "semi.views.batch=32",
+                          f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 0.5 < rows[0]["pseudo_accuracy"] <= 1 and "pseudo_val_accuracy" in rows[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["device"] == torch.cuda.get_device_name()

@@ -273,3 +273,28 @@ def test_views_batches_draw_every_training_image_before_repeating():
     assert views.shape == (15, 20)
     first = views.flatten()[:200]
     assert torch.equal(first.sort().values, torch.arange(200))
+
+
+def test_semi_table_gives_mean_sd_and_each_seed(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    p1 = {"labeled_only": [0.5, 0.6, 0.7], "semi_propagation": [0.95, 0.97, 0.96]}
+    for tag, values in p1.items():
+        for seed, v in enumerate(values):
+            d = tmp_path / tag / f"d2_s{seed}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({
+                "tag": tag, "embedding_dim": 2, "seed": seed, "wall_seconds": 120.0,
+                "test": {"precision_at_1": v, "map_at_r": v / 2, "nmi": v / 3},
+                "baselines": {"raw_pixels": {"precision_at_1": 0.9558, "map_at_r": 0.31,
+                                             "nmi": 0.4325}}}))
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "semi_table.py"),
+                          str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()[2:]}
+    assert "0.6000 ± 0.1000" in rows["labeled_only"]  # mean ± sample sd of 0.5, 0.6, 0.7
+    assert "0: 0.9500, 1: 0.9700, 2: 0.9600" in rows["semi_propagation"]
+    assert "| 2.0 |" in rows["semi_propagation"]  # minutes per run
+    assert rows["raw pixels"].startswith("| raw pixels | 784 | 0.9558 | 0.3100 | 0.4325")
