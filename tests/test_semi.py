@@ -78,9 +78,11 @@ def test_semi_method_without_unlabeled_images_is_refused(tmp_path, data_dir):
         run(cfg, tmp_path / "run")
 
 
+# propagation with the two-view term and augmentation: every random draw a run makes
 SEMI = [*TINY, "trainer.epoch_plots=false", "evaluation.baselines=false",
-        "semi=propagation", "dataset.labeled_per_class=10", "sampler.k=10",
-        "semi.warmup_epochs=1", "semi.refresh_every=1"]
+        "semi=propagation_views", "semi.views.batch=32", "augment=affine",
+        "dataset.labeled_per_class=10", "sampler.k=10", "semi.warmup_epochs=1",
+        "semi.refresh_every=1"]
 
 
 def test_a_resumed_semi_run_equals_an_uninterrupted_one(tmp_path, data_dir):
