@@ -6,7 +6,8 @@
 #
 #   bash scripts/semi_arms.sh OUT_DIR [PARALLEL_RUNS] [DIMS] [SEEDS]
 #   e.g. bash scripts/semi_arms.sh runs/semi 2 "2 64" "0 1 2"
-# EXTRA="<overrides>" is added to every run (e.g. a smaller dataset for a quick check).
+# EXTRA="<overrides>" is added to every run (e.g. a smaller dataset for a quick check);
+# ARMS="<arm> ..." runs only those arms.
 set -euo pipefail
 out=${1:?usage: semi_arms.sh OUT_DIR [PARALLEL_RUNS] [DIMS] [SEEDS]}
 parallel=${2:-1}
@@ -19,6 +20,7 @@ arms=(  # the semi-supervised methods first, should a call be cut short
   "labeled_only experiment=labeled_only"
   "labeled_only_aug experiment=labeled_only augment=affine"
   "supervised_same_budget experiment=supervised_same_budget"
+  "supervised_same_budget_noaug experiment=supervised_same_budget augment=none"
   "semi_kmeans experiment=semi_kmeans"
 )
 mkdir -p "$out/logs"
@@ -26,6 +28,7 @@ jobs=()
 for dim in $dims; do
   for arm in "${arms[@]}"; do
     read -r tag overrides <<<"$arm"
+    [[ -n ${ARMS:-} && " $ARMS " != *" $tag "* ]] && continue
     for seed in $seeds; do
       dir="$out/$tag/d${dim}_s${seed}"
       [[ -f $dir/summary.json ]] && continue  # done in an earlier call

@@ -1,8 +1,8 @@
 """Markdown table of semi-supervised arms from their run folders.
 
 Each run is tagged with its arm (``tag=<arm>``); rows are (arm, embedding dim) with the
-test P@1, MAP@R and NMI as mean +- sd over seeds and each seed's value, plus raw pixels
-(the same for every run: read from the runs' baselines).
+test P@1, MAP@R and NMI as mean +- sample sd over seeds and each seed's values, plus raw
+pixels (the same for every run: read from the runs' baselines).
 
     python scripts/semi_table.py RUNS_DIR [RUNS_DIR ...]
 """
@@ -32,7 +32,10 @@ def table(runs: list[dict]) -> str:
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in runs:
         groups[(r["tag"] or "untagged", int(r["embedding_dim"]))].append(r)
-    head = ["arm", "dim", *(name for _, name in METRICS), "P@1 per seed", "minutes per run"]
+    seeds = sorted({r["seed"] for r in runs})
+    each = f"seeds {', '.join(map(str, seeds))}"
+    head = ["arm", "dim", *(name for _, name in METRICS),
+            *(f"{name}, {each}" for _, name in METRICS), "minutes per run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = list(dict.fromkeys(r["tag"] or "untagged" for r in runs))
     for dim in sorted({d for _, d in groups}):
@@ -40,14 +43,17 @@ def table(runs: list[dict]) -> str:
             rs = sorted(groups.get((arm, dim), []), key=lambda r: r["seed"])
             if not rs:
                 continue
-            cols = [cell([r["test"][m] for r in rs]) for m, _ in METRICS]
-            seeds = ", ".join(f"{r['seed']}: {r['test']['precision_at_1']:.4f}" for r in rs)
+            means = [cell([r["test"][m] for r in rs]) for m, _ in METRICS]
+            per_seed = [", ".join(f"{r['test'][m]:.4f}" for r in rs) for m, _ in METRICS]
+            if [r["seed"] for r in rs] != seeds:
+                per_seed = [f"{v} (seeds {', '.join(str(r['seed']) for r in rs)})"
+                            for v in per_seed]
             minutes = statistics.mean(r["wall_seconds"] for r in rs) / 60
-            lines.append(f"| {arm} | {dim} | " + " | ".join(cols) + f" | {seeds} | "
-                         f"{minutes:.1f} |")
+            lines.append(f"| {arm} | {dim} | " + " | ".join(means + per_seed) +
+                         f" | {minutes:.1f} |")
     pixels = runs[0]["baselines"]["raw_pixels"]
     lines.append("| raw pixels | 784 | " + " | ".join(f"{pixels[m]:.4f}" for m, _ in METRICS)
-                 + " | (no training) | |")
+                 + " | | | | |")
     return "\n".join(lines)
 
 

@@ -297,6 +297,7 @@ def test_semi_table_gives_mean_sd_and_each_seed(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, check=True).stdout
     rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()[2:]}
     assert "0.6000 ± 0.1000" in rows["labeled_only"]  # mean ± sample sd of 0.5, 0.6, 0.7
-    assert "0: 0.9500, 1: 0.9700, 2: 0.9600" in rows["semi_propagation"]
+    assert "| 0.9500, 0.9700, 0.9600 | 0.4750, 0.4850, 0.4800 |" in rows["semi_propagation"]
     assert "| 2.0 |" in rows["semi_propagation"]  # minutes per run
     assert rows["raw pixels"].startswith("| raw pixels | 784 | 0.9558 | 0.3100 | 0.4325")
+    assert out.splitlines()[0].count("|") == rows["raw pixels"].count("|")
