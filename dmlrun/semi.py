@@ -16,6 +16,7 @@ Each keeps the ``keep_fraction`` most confident unlabeled points per pseudo-clas
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -33,10 +34,17 @@ MIN_GRAPH_DIM = 16
 
 class PseudoLabels(NamedTuple):
     """``labels`` (N,) pseudo-label of every point (labeled points keep their own);
-    ``keep`` (N,) bool: unlabeled points confident enough to train on."""
+    ``keep`` (N,) bool: unlabeled points confident enough to train on; ``weight`` (N,)
+    optional confidence in [0, 1]: how often a kept point is drawn, relative to the
+    others of its pseudo-class (labeled points 1; None = all alike)."""
 
     labels: torch.Tensor
     keep: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> PseudoLabels:
+        return PseudoLabels(self.labels.to(device), self.keep.to(device),
+                            None if self.weight is None else self.weight.to(device))
 
 
 def feature_layer(choice: str, embedding_dim: int) -> str:
@@ -177,14 +185,14 @@ class LabelPropagation:
 
     def __init__(self, k: int = 10, alpha: float = 0.99, iterations: int = 50,
                  keep_fraction: float = 1.0, pca_dims: int | None = 32,
-                 balance: bool = True) -> None:
+                 balance: bool = True, weights: bool = False) -> None:
         if k < 1 or not 0 < alpha < 1 or iterations < 1 or not 0 < keep_fraction <= 1 or \
                 (pca_dims is not None and pca_dims < 1):
             raise ValueError("need k >= 1, 0 < alpha < 1, iterations >= 1, "
                              "0 < keep_fraction <= 1, pca_dims >= 1 or null")
         self.k, self.alpha, self.iterations, self.keep_fraction = k, alpha, iterations, \
             keep_fraction
-        self.pca_dims, self.balance = pca_dims, balance
+        self.pca_dims, self.balance, self.weights = pca_dims, balance, weights
 
     def __call__(self, emb: torch.Tensor, labeled: torch.Tensor, labels: torch.Tensor,
                  num_classes: int) -> PseudoLabels:
@@ -217,23 +225,54 @@ class LabelPropagation:
         pseudo[labeled] = labels
         candidates = reached.clone()
         candidates[labeled] = False
+        weight = None
+        if self.weights:  # 1 - normalised entropy of the scores (Iscen et al. 2019)
+            entropy = -(score * score.clamp_min(1e-12).log()).sum(1)
+            weight = (1 - entropy / math.log(num_classes)).clamp(0, 1)
+            weight[labeled] = 1.0
         return PseudoLabels(pseudo, keep_most_confident(pseudo, confidence, candidates,
-                                                        self.keep_fraction))
+                                                        self.keep_fraction), weight)
+
+
+def weighted_pk_batches(labels: torch.Tensor, weight: torch.Tensor, p: int, k: int,
+                        batches: int, g: torch.Generator) -> torch.Tensor:
+    """(batches, p * k) positions into ``labels``: each batch p random classes, k members
+    of each drawn with probability proportional to ``weight`` (without replacement while
+    a class has k members of non-zero weight), laid out class by class like
+    ``PKSampler``."""
+    labels, weight = labels.cpu(), weight.cpu().double()
+    classes = torch.unique(labels)
+    members = [torch.nonzero(labels == c).flatten() for c in classes.tolist()]
+    if p > len(classes):
+        raise ValueError(f"semi.p={p} is more than the {len(classes)} pseudo-classes")
+    out = torch.empty(batches, p * k, dtype=torch.long)
+    for b in range(batches):
+        for slot, c in enumerate(torch.randperm(len(classes), generator=g)[:p].tolist()):
+            w = weight[members[c]].clamp_min(1e-6)  # every member keeps some chance
+            pick = torch.multinomial(w, k, replacement=len(w) < k, generator=g)
+            out[b, slot * k:(slot + 1) * k] = members[c][pick]
+    return out
 
 
 def pseudo_label_quality(pseudo: PseudoLabels, truth: torch.Tensor,
                          labeled: torch.Tensor) -> dict[str, float]:
     """Accuracy of the pseudo-labels against the hidden labels: over all unlabeled points
-    and over the kept ones, and the fraction kept."""
+    and over the kept ones, and the fraction kept; with confidence weights, the kept
+    ones' accuracy weighted as they are drawn."""
     unlabeled = torch.ones_like(pseudo.keep)
     unlabeled[labeled] = False
     right = pseudo.labels == truth
     kept = pseudo.keep
-    return {
+    out = {
         "pseudo_accuracy": right[unlabeled].float().mean().item(),
         "pseudo_kept_fraction": kept[unlabeled].float().mean().item(),
         "pseudo_kept_accuracy": right[kept].float().mean().item() if kept.any() else 0.0,
     }
+    if pseudo.weight is not None and kept.any():
+        w = pseudo.weight[kept]
+        out["pseudo_weighted_accuracy"] = ((w * right[kept]).sum() / w.sum().clamp_min(
+            1e-12)).item()
+    return out
 
 
 class SemiSupervision:
@@ -275,6 +314,7 @@ class SemiSupervision:
         self.views_batch = views_batch
         self.extra_sampler = PKSampler(p, k)
         self.keep: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None  # confidence weights, if the method gives
         self.epoch_no = 0
         self.quality: dict[str, float] = {}
 
@@ -283,11 +323,14 @@ class SemiSupervision:
         unlabeled), which pseudo-labels are kept, the epoch count, the graph's space."""
         return {"labels": self.labels.cpu(),
                 "keep": None if self.keep is None else self.keep.cpu(),
+                "weight": None if self.weight is None else self.weight.cpu(),
                 "epoch_no": self.epoch_no, "space": self.space}
 
     def load_state_dict(self, state: dict) -> None:
         self.labels.copy_(state["labels"].to(self.labels.device))
         self.keep = None if state["keep"] is None else state["keep"].to(self.labels.device)
+        weight = state.get("weight")
+        self.weight = None if weight is None else weight.to(self.labels.device)
         self.epoch_no = int(state["epoch_no"])
         self.space = state.get("space", self.space)
 
@@ -305,7 +348,8 @@ class SemiSupervision:
         if self.val_truth is not None and len(feats) > n:
             right = (pseudo.labels[n:] == self.val_truth.to(feats.device)).float().mean()
             right = right.item()
-        out = PseudoLabels(pseudo.labels[:n], pseudo.keep[:n]), right
+        out = PseudoLabels(pseudo.labels[:n], pseudo.keep[:n],
+                           None if pseudo.weight is None else pseudo.weight[:n]), right
         if space == "pixels":
             self._from_pixels = out
         return out
@@ -344,12 +388,10 @@ class SemiSupervision:
         self.quality = {}
         if self.refresh_due():
             pseudo, right = self._pseudo_labels(features) if main else (None, float("nan"))
-            pseudo = share(None if pseudo is None else
-                           PseudoLabels(pseudo.labels.cpu(), pseudo.keep.cpu()))
-            device = self.labels.device
-            pseudo = PseudoLabels(pseudo.labels.to(device), pseudo.keep.to(device))
+            pseudo = share(None if pseudo is None else pseudo.to("cpu"))
+            pseudo = pseudo.to(self.labels.device)
             self.labels.copy_(pseudo.labels)
-            self.keep = pseudo.keep
+            self.keep, self.weight = pseudo.keep, pseudo.weight
             self.quality.update({**pseudo_label_quality(pseudo, self.truth, self.labeled),
                                  "pseudo_val_accuracy": right,
                                  "pseudo_from_pixels": float(self.space == "pixels")})
@@ -358,8 +400,14 @@ class SemiSupervision:
         extra = None
         if self.keep is not None:
             pool = torch.cat([self.labeled, torch.nonzero(self.keep).flatten()])
-            self.extra_sampler.batches_per_epoch = len(indices)
-            extra = pool[self.extra_sampler.epoch(self.labels[pool], g).indices]
+            if self.weight is None:
+                self.extra_sampler.batches_per_epoch = len(indices)
+                extra = pool[self.extra_sampler.epoch(self.labels[pool], g).indices]
+            else:  # confident pseudo-labels drawn more often
+                sampler = self.extra_sampler
+                extra = pool[weighted_pk_batches(self.labels[pool], self.weight[pool],
+                                                 sampler.p, sampler.k, len(indices), g)
+                             .to(pool.device)]
         return Epoch(indices, None, extra, self._views(len(indices), g))
 
     def _views(self, steps: int, g: torch.Generator) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ python=${PYTHON:-python}
 arms=(  # the semi-supervised methods first, should a call be cut short
   "semi_propagation experiment=semi_propagation"
   "semi_views experiment=semi_views"
+  "semi_propagation_weighted experiment=semi_propagation semi.method.weights=true"
   "labeled_only experiment=labeled_only"
   "labeled_only_aug experiment=labeled_only augment=affine"
   "supervised_same_budget experiment=supervised_same_budget"

@@ -78,9 +78,11 @@ def test_semi_method_without_unlabeled_images_is_refused(tmp_path, data_dir):
         run(cfg, tmp_path / "run")
 
 
-# propagation with the two-view term and augmentation: every random draw a run makes
+# propagation with confidence weights, the two-view term and augmentation: every random
+# draw a run makes
 SEMI = [*TINY, "trainer.epoch_plots=false", "evaluation.baselines=false",
         "semi=propagation_views", "semi.views.batch=32", "augment=affine",
+        "semi.method.weights=true",
         "dataset.labeled_per_class=10", "sampler.k=10", "semi.warmup_epochs=1",
         "semi.refresh_every=1"]
 
@@ -253,8 +255,8 @@ def test_two_views_of_an_image_are_each_others_positive():
     loss = NTXentLoss(temperature=0.5)
     cfg = StepConfig(views=ViewsTerm(loss, lambda x: x, weight=0.5))
     got = views_loss(model, images, ids, cfg)
-    emb = model(images.float() / 255)
-    want = loss(torch.cat([emb, emb]), torch.cat([ids, ids]))
+    doubled = torch.cat([images, images]).float() / 255  # embedded as one batch, as there
+    want = loss(model(doubled), torch.cat([ids, ids]))
     torch.testing.assert_close(got, 0.5 * want)
     # a real augmentation makes the two views differ, so the loss is not the identity's
     from dmlrun.augment import RandomAffine
@@ -301,3 +303,32 @@ def test_semi_table_gives_mean_sd_and_each_seed(tmp_path):
     assert "| 2.0 |" in rows["semi_propagation"]  # minutes per run
     assert rows["raw pixels"].startswith("| raw pixels | 784 | 0.9558 | 0.3100 | 0.4325")
     assert out.splitlines()[0].count("|") == rows["raw pixels"].count("|")
+
+
+def test_confidence_weights_favour_sure_pseudo_labels():
+    """Entropy weights (Iscen et al. 2019): points between two clusters weigh less than
+    points inside one, and the weighted draw takes the heavy ones more often."""
+    from dmlrun.semi import weighted_pk_batches
+
+    emb, truth = blobs(spread=2.0)  # overlapping clusters: about 5% labelled wrong
+    labeled = pick_labeled(truth, 2, seed=0)
+    out = LabelPropagation(k=10, weights=True, pca_dims=None)(emb, labeled,
+                                                               truth[labeled], 5)
+    w = out.weight
+    assert w.shape == truth.shape and (w >= 0).all() and (w <= 1).all()
+    assert (w[labeled] == 1).all()
+    right = out.labels == truth
+    assert w[right].mean() > w[~right].mean() + 0.1  # wrong ones are the unsure ones
+    q = pseudo_label_quality(out, truth, labeled)
+    assert q["pseudo_weighted_accuracy"] > q["pseudo_accuracy"]
+    g = torch.Generator().manual_seed(0)
+    idx = weighted_pk_batches(out.labels, w, 5, 10, 400, g)
+    assert idx.shape == (400, 50)
+    for b in range(3):  # class by class: K members of one pseudo-class per slot
+        assert all(len(torch.unique(out.labels[idx[b, s * 10:(s + 1) * 10]])) == 1
+                   for s in range(5))
+    drawn = torch.bincount(idx.flatten(), minlength=len(truth)).float()
+    for c in range(5):  # classes are drawn alike; within one, sure members more often
+        members = out.labels == c
+        assert torch.corrcoef(torch.stack([w[members], drawn[members]]))[0, 1] > 0.3
+    assert LabelPropagation()(emb, labeled, truth[labeled], 5).weight is None
