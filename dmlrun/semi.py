@@ -1,17 +1,21 @@
-"""Semi-supervised DML: pseudo-labels for unlabeled training images from the embedding.
+"""Semi-supervised DML: pseudo-labels for unlabeled training images, from raw pixels or
+the model's features, and the batches that train on them.
 
-Two methods behind one contract, ``method(emb (N, D), labeled (L,) indices, labels (L,),
-num_classes) -> PseudoLabels``:
+Two methods behind one contract, ``method(features (N, F), labeled (L,) indices, labels
+(L,), num_classes) -> PseudoLabels``:
 
 - ``KMeansPseudoLabeler``: k-means on all embeddings (k = ``clusters_per_class`` x classes);
   each cluster takes the majority label of the labeled points in it (or, with none, the
   label of the labeled point nearest its centre). Confidence is closeness to the centre;
   optionally only points whose labeled-kNN vote agrees are kept.
-- ``LabelPropagation``: labels spread over the symmetric kNN graph of the embedding
-  (Zhou et al. 2004, "Learning with local and global consistency"): F <- a S F + (1 - a) Y
-  with S = D^-1/2 W D^-1/2. Confidence is the normalised score of the winning class.
+- ``LabelPropagation``: labels spread over the symmetric kNN graph of the features' PCA
+  coordinates (Zhou et al. 2004, "Learning with local and global consistency"):
+  F <- a S F + (1 - a) Y with S = D^-1/2 W D^-1/2, class-balanced scores; confidence is
+  the normalised score of the winning class, optionally turned into sampling weights.
 
 Each keeps the ``keep_fraction`` most confident unlabeled points per pseudo-class.
+``SemiSupervision`` decides when pseudo-labels are refreshed and from which space, and
+draws each epoch's batches.
 """
 
 from __future__ import annotations
