@@ -18,3 +18,22 @@ def test_default_2d_run_reaches_precision_at_1(tmp_path, data_dir, overrides):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["embedding_dim"] == 2
     assert summary["test"]["precision_at_1"] >= 0.95
+
+
+@pytest.mark.parametrize("experiment, p1, map_at_r", [("semi_propagation_64d", 0.98, 0.90),
+                                                     ("semi_propagation", 0.93, 0.80)])
+def test_semi_supervised_with_100_labels_beats_raw_pixels(tmp_path, data_dir, experiment,
+                                                          p1, map_at_r):
+    """100 labeled training images (+ 100 labeled validation images) and the rest unlabeled:
+    far above raw pixels' test P@1 0.9558 / MAP@R 0.310 in 64-D, above 0.93 in 2-D."""
+    run_dir = tmp_path / "run"
+    res = run_cli([f"experiment={experiment}", "trainer.progress_bar=false",
+                   f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    labeled = json.loads((run_dir / "labeled_indices.json").read_text())["indices"]
+    assert len(labeled) == 100
+    assert summary["test"]["precision_at_1"] >= p1
+    assert summary["test"]["map_at_r"] >= map_at_r
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("pseudo_accuracy", 0) for r in rows) > 0.95
