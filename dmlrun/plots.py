@@ -253,17 +253,19 @@ def pseudo_labels(history: Sequence[dict], path: str | Path) -> Path:
     rows = [h for h in history if "pseudo_accuracy" in h]
     epochs = [h["epoch"] for h in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    series = [("pseudo_accuracy", "unlabeled training images (hidden labels)", "-o"),
-              ("pseudo_val_accuracy", "validation images", "--o"),
-              ("pseudo_val_accuracy_features", "validation images, model's features", ":s")]
+    # (field, legend, line style, colour): each series keeps its colour in every run
+    series = [("pseudo_accuracy", "unlabeled training images (hidden labels)", "-o", "C0"),
+              ("pseudo_val_accuracy", "validation images", "--o", "C1"),
+              ("pseudo_val_accuracy_features", "validation images, model's features", ":s",
+               "C2")]
     partial = any(h["pseudo_kept_fraction"] < 1 for h in rows)
     if partial:
-        series.insert(1, ("pseudo_kept_accuracy", "kept pseudo-labels", "-^"))
+        series.insert(1, ("pseudo_kept_accuracy", "kept pseudo-labels", "-^", "C3"))
     shown: list[float] = []
-    for key, label, style in series:
+    for key, label, style, colour in series:
         pts = [(h["epoch"], h[key]) for h in rows if math.isfinite(h.get(key, math.nan))]
         if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=label)
+            ax.plot(*zip(*pts, strict=True), style, color=colour, label=label)
             shown += [v for _, v in pts]
     for h in rows:
         if h.get("pseudo_from_pixels"):

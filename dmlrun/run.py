@@ -208,8 +208,7 @@ def _semi_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
         return [(cfg.semi.get("method") is None,
                  f"semi={method} needs unlabeled images: set dataset.labeled_per_class=<n> "
                  "(e.g. 10)")]
-    views = cfg.semi.get("views")
-    views_on = views is not None and float(views.weight) > 0
+    views = _views_node(cfg)
     features = cfg.semi.get("features", "output")
     return [
         (int(per_class) >= 2, "dataset.labeled_per_class must be >= 2 (a class needs a "
@@ -218,9 +217,9 @@ def _semi_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
                                         "sampler=pk"),
         (features in FEATURE_LAYERS, f"semi.features must be one of "
                                      f"{', '.join(FEATURE_LAYERS)}, got {features!r}"),
-        (not views_on or int(views.batch) >= 2, "semi.views.batch must be >= 2 (each "
-                                                "image needs another as its negative), "
-                                                f"got {views.batch if views_on else ''}"),
+        (views is None or int(views.batch) >= 2, "semi.views.batch must be >= 2 (each "
+                                                 "image needs another as its negative), "
+                                                 f"got {views and views.batch}"),
     ]
 
 
@@ -439,19 +438,24 @@ def _semi_supervision(cfg: DictConfig, data: TensorDataset, sampler: Any,
              len(labeled), len(data.train) - len(labeled), method_node and
              method_node._target_.rsplit(".", 1)[-1])
     s = cfg.semi
-    views = s.get("views")
-    views_batch = int(views.batch) if views is not None and float(views.weight) > 0 else 0
+    views = _views_node(cfg)
     return SemiSupervision(data.train.labels, labeled, data.num_classes, sampler, method,
                            int(s.get("warmup_epochs", 0)), int(s.get("refresh_every", 1)),
                            int(s.get("p", 10)), int(s.get("k", 25)),
-                           str(s.get("graph", "embedding")), data.val.labels, views_batch)
+                           str(s.get("graph", "embedding")), data.val.labels,
+                           0 if views is None else int(views.batch))
+
+
+def _views_node(cfg: DictConfig) -> DictConfig | None:
+    """The ``semi.views`` settings when the two-view term is on (a positive weight)."""
+    views = cfg.semi.get("views")
+    return views if views is not None and float(views.weight) > 0 else None
 
 
 def views_term(cfg: DictConfig) -> ViewsTerm | None:
     """``semi.views``: the loss on two augmented views of unlabeled images, or None (off)."""
-    views = cfg.semi.get("views")
-    if views is None or float(views.weight) <= 0 or cfg.dataset.get("labeled_per_class") \
-            is None:
+    views = _views_node(cfg)
+    if views is None or cfg.dataset.get("labeled_per_class") is None:
         return None
     where = f"semi={choice(cfg, 'semi')} semi.views"
     return ViewsTerm(build(views.loss, f"{where}.loss"), build(views.augment,
