@@ -188,6 +188,10 @@ def check_config(cfg: DictConfig, world: int = 1) -> None:
          f"{tcfg.get('compile')!r}"),
         (float(tcfg.get("warmup_epochs", 0)) >= 0,
          f"trainer.warmup_epochs must be >= 0, got {tcfg.get('warmup_epochs')}"),
+        (cfg.get("scheduler", {}).get("anneal") in (None, "cosine"),
+         f"scheduler.anneal must be cosine or null, got {cfg.scheduler.get('anneal')!r}"),
+        (0 <= float(cfg.get("scheduler", {}).get("min_lr_ratio", 0.0)) <= 1,
+         f"scheduler.min_lr_ratio must be in [0, 1], got {cfg.scheduler.get('min_lr_ratio')}"),
         (int(tcfg.eval_batch_size) >= 1,
          f"trainer.eval_batch_size must be >= 1, got {tcfg.eval_batch_size}"),
         (int(cfg.evaluation.knn_k) >= 1, f"evaluation.knn_k must be >= 1, got "
@@ -599,7 +603,9 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
                           float(cfg.semi.get("unlabeled_weight", 1.0)),
                           str(tcfg.get("nonfinite", "stop")), signals.received, ranks.world,
                           str(tcfg.get("mining", "global")),
-                          float(tcfg.get("warmup_epochs", 0.0)), parts.augment,
+                          float(tcfg.get("warmup_epochs", 0.0)),
+                          cfg.scheduler.get("anneal"), int(tcfg.max_epochs),
+                          float(cfg.scheduler.get("min_lr_ratio", 0.0)), parts.augment,
                           parts.views)
     eval_bs = int(tcfg.eval_batch_size)
     if semi is None:

@@ -59,6 +59,12 @@ class StepConfig:
     # Linear learning-rate warm-up over the first ``warmup_epochs`` epochs (fractions
     # allowed), per step, on top of the epoch scheduler's rate; 0 = none.
     warmup_epochs: float = 0.0
+    # Per-step decay of the rate over the run's ``max_epochs`` (after the warm-up):
+    # "cosine" falls from the optimizer's rate to ``min_lr_ratio`` of it by the last step
+    # (scheduler=cosine_steps); None: the epoch scheduler alone sets the rate.
+    anneal: str | None = None
+    max_epochs: int = 1
+    min_lr_ratio: float = 0.0
     # Applied to every float training batch on the device (e.g. augment.RandomAffine).
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     # The loss on ``Epoch.views`` batches.
@@ -119,6 +125,20 @@ def warmup_factor(warmup_epochs: float, epoch_no: int, step: int, steps: int) ->
     if warmup_epochs <= 0:
         return 1.0
     return min(1.0, (epoch_no - 1 + (step + 1) / steps) / warmup_epochs)
+
+
+def lr_factor(step_cfg: StepConfig, epoch_no: int, step: int, steps: int) -> float:
+    """Factor on the epoch scheduler's rate at step ``step`` (0-based) of epoch
+    ``epoch_no`` (1-based): the linear warm-up, then (``anneal="cosine"``) a cosine from 1
+    at the end of the warm-up towards ``min_lr_ratio``, reached after the run's last step."""
+    warm = warmup_factor(step_cfg.warmup_epochs, epoch_no, step, steps)
+    if step_cfg.anneal is None:
+        return warm
+    done = epoch_no - 1 + step / steps  # epochs completed before this step
+    start = min(step_cfg.warmup_epochs, step_cfg.max_epochs)
+    t = max(0.0, done - start) / max(step_cfg.max_epochs - start, 1e-12)
+    low = step_cfg.min_lr_ratio
+    return warm * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 def _stop_signal(step_cfg: StepConfig, step: int, device: torch.device) -> int:
@@ -302,7 +322,7 @@ def train_epoch(
                         step + 1)
             optimizer.zero_grad(set_to_none=True)
             continue
-        warm = warmup_factor(step_cfg.warmup_epochs, epoch_no, step, len(epoch))
+        warm = lr_factor(step_cfg, epoch_no, step, len(epoch))
         for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
             group["lr"] = lr * warm
         optimizer.step()

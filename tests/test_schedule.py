@@ -1,0 +1,77 @@
+"""The per-step learning-rate schedule (scheduler=cosine_steps): warm-up, then a cosine
+from the optimizer's rate to zero over the run's steps, the rate each step applies."""
+
+import math
+
+import pytest
+import torch
+
+from dmlrun.data.dataset import Split
+from dmlrun.data.samplers import PKSampler
+from dmlrun.losses import TripletLoss
+from dmlrun.miners import HardMiner
+from dmlrun.models import MLP
+from dmlrun.train import StepConfig, lr_factor, train_epoch
+from tests.conftest import compose_cfg
+
+
+class RecordingAdam(torch.optim.Adam):
+    """Adam that notes the learning rate of every step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[float] = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def test_factor_without_anneal_is_the_warmup():
+    cfg = StepConfig(warmup_epochs=0.5, max_epochs=3)
+    assert [lr_factor(cfg, 1, s, 10) for s in range(6)] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8, 1, 1])
+    assert lr_factor(StepConfig(max_epochs=3), 3, 9, 10) == 1.0
+
+
+def test_cosine_falls_from_one_to_near_zero_over_the_run():
+    cfg = StepConfig(anneal="cosine", max_epochs=2)
+    rates = [lr_factor(cfg, e, s, 10) for e in (1, 2) for s in range(10)]
+    assert rates[0] == 1.0  # the first step trains at the optimizer's rate
+    assert rates[10] == pytest.approx(0.5)  # half-way through the run
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))  # falls every step
+    assert rates[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 20)))
+    assert 0 < rates[-1] < 0.01
+
+
+def test_cosine_starts_after_the_warmup_and_keeps_its_floor():
+    cfg = StepConfig(anneal="cosine", max_epochs=3, warmup_epochs=1, min_lr_ratio=0.1)
+    first = [lr_factor(cfg, 1, s, 4) for s in range(4)]
+    assert first == pytest.approx([0.25, 0.5, 0.75, 1.0])  # warm-up alone
+    second = [lr_factor(cfg, 2, s, 4) for s in range(4)]
+    assert second[0] == pytest.approx(1.0)  # the cosine starts where the warm-up ends
+    assert second[-1] < second[0]
+    # half-way through the 2 epochs after the warm-up: the midpoint of 1 and the floor
+    assert lr_factor(cfg, 3, 0, 4) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cfg, 3, 3, 4) > 0.1
+
+
+def test_each_step_trains_at_the_scheduled_rate():
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  torch.arange(6).repeat(10))
+    model = MLP(embedding_dim=2, hidden_dims=(8,))
+    opt = RecordingAdam(model.parameters(), lr=0.01)
+    epoch = PKSampler(p=3, k=4, batches_per_epoch=4).epoch(split.labels, g)
+    cfg = StepConfig(progress_bar=False, anneal="cosine", max_epochs=2)
+    for epoch_no in (1, 2):
+        train_epoch(model, TripletLoss(), HardMiner(), opt, split, epoch, cfg,
+                    epoch_no=epoch_no)
+        assert opt.param_groups[0]["lr"] == 0.01  # handed back for the epoch scheduler
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)]
+    assert opt.seen == pytest.approx(expected)
+
+
+def test_cosine_steps_config_builds_no_epoch_scheduler():
+    cfg = compose_cfg(["scheduler=cosine_steps"])
+    assert cfg.scheduler.anneal == "cosine" and "_target_" not in cfg.scheduler
