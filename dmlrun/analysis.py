@@ -9,26 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from dmlrun.distances import Distance, EuclideanDistance
+from dmlrun.metrics import nearest_neighbours
 
-CHUNK_CELLS = 2**24  # distances per query chunk
 
-
-@torch.no_grad()
 def nearest(emb: torch.Tensor, queries: torch.Tensor, k: int,
             distance: Distance | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest other items of each query (indices into ``emb`` (N, D)), leave-one-
-    out: (Q, k) indices and (Q, k) distances, nearest first, ties by index."""
-    distance = distance or EuclideanDistance()
-    chunk = max(1, CHUNK_CELLS // max(len(emb), 1))
-    idx, dist = [], []
-    for part in queries.split(chunk):
-        d = distance.pairwise(emb[part], emb)
-        d[torch.arange(len(part), device=d.device), part] = float("inf")
-        # a stable sort of (distance, index) keeps ties in index order
-        order = torch.sort(d, dim=1, stable=True).indices[:, :k]
-        idx.append(order)
-        dist.append(d.gather(1, order))
-    return torch.cat(idx), torch.cat(dist)
+    out: (Q, k) indices and (Q, k) distances, nearest first, ties by index (the metrics'
+    own search)."""
+    return nearest_neighbours(emb[queries], emb, k, distance, exclude=queries)
 
 
 def nn_confusion(labels: torch.Tensor, nn_labels: torch.Tensor, num_classes: int

@@ -72,3 +72,49 @@ def load_embedder(path: str | Path, device: str = "cpu") -> TrainedEmbedder:
     channels = config["model"].get("in_channels")
     embedder = TrainedEmbedder(model, distance, int(channels) if channels else None)
     return embedder.to(device).eval()
+
+
+class RunEmbedding:
+    """A run's model embedding images exactly as the run graded them: the same memory
+    layout (channels-last on the CPU when the run trained so), batch size and autocast
+    (bf16 on CUDA with ``trainer.amp=auto``), so embeddings, and every metric computed from
+    them, equal the run's own. ``image_size`` and ``channels``: what the model takes."""
+
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
+        from dmlrun.components import resolve_amp, resolve_device
+
+        self.checkpoint = resolve_checkpoint(path)
+        state = load_checkpoint(self.checkpoint, map_location="cpu")
+        self.config: dict = state["config"]
+        self.epoch = state.get("epoch")
+        self.device = resolve_device(device)
+        self.embedder = load_embedder(self.checkpoint, device=str(self.device))
+        trainer = self.config.get("trainer", {})
+        self.model: nn.Module = self.embedder.model
+        if trainer.get("channels_last", False) and self.device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.batch_size = int(trainer.get("eval_batch_size", 2048))
+        self.amp_dtype = resolve_amp(trainer.get("amp", "auto"), self.device)
+        dataset, model = self.config.get("dataset", {}), self.config["model"]
+        self.channels = int(model.get("in_channels") or dataset.get("channels", 1))
+        self.image_size = int(model.get("image_size") or dataset.get("image_size", 28))
+
+    @property
+    def distance(self) -> Distance:
+        return self.embedder.distance
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["model"]["embedding_dim"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 images -> (B, D) float32 embeddings on the run's device."""
+        from dmlrun.metrics import embed
+
+        return embed(self.model, images, self.batch_size, self.amp_dtype)
+
+    def split(self, split: object) -> torch.Tensor:
+        """(N, D) embeddings of a dataset split (in memory or read from files)."""
+        from dmlrun.metrics import embed_split
+
+        return embed_split(self.model, split, self.batch_size, self.amp_dtype)

@@ -70,6 +70,14 @@ def _dataset_node(config: dict, overrides: list[str]) -> DictConfig:
         raise UserError(f"bad override in {overrides}: {exc}") from exc
 
 
+def load_dataset(config: dict, overrides: list[str]):
+    """The run's dataset (``TensorDataset``), or another with ``overrides`` applied, split
+    with the run's seed."""
+    from dmlrun.components import build
+
+    return build(_dataset_node(config, overrides), "dataset", seed=int(config.get("seed", 0)))
+
+
 def evaluate_checkpoint(
     path: str | Path, overrides: list[str] | None = None, split: str = "test",
     device: str = "auto", plots_dir: str | Path | bool | None = None,
@@ -79,27 +87,19 @@ def evaluate_checkpoint(
     ``plots_dir`` (a new folder; True: ``default_plots_dir``), also the embedding,
     gallery, distance, confusion and per-class plots there, and per-class metrics in the
     result."""
-    import torch
-
-    from dmlrun import load_embedder
     from dmlrun.checkpoint import load_checkpoint, resolve_checkpoint
-    from dmlrun.components import build, resolve_device
-    from dmlrun.metrics import embed_split, evaluate_embeddings
+    from dmlrun.embedder import RunEmbedding
+    from dmlrun.metrics import evaluate_embeddings
 
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
     config = state["config"]
-    data = build(_dataset_node(config, list(overrides or [])), "dataset",
-                 seed=int(config.get("seed", 0)))
+    data = load_dataset(config, list(overrides or []))
     part = getattr(data, split)
-    dev = resolve_device(device)
-    model = load_embedder(ckpt, device=str(dev))
-    trainer = config.get("trainer", {})
-    if trainer.get("channels_last", False) and dev.type == "cpu":  # as the run embedded
-        model = model.to(memory_format=torch.channels_last)
-    emb = embed_split(model, part, int(trainer.get("eval_batch_size", 2048)))
+    model = RunEmbedding(ckpt, device)
+    emb = model.split(part)
     evaluation = config.get("evaluation", {})
     metrics = evaluate_embeddings(emb, part.labels.to(emb.device), model.distance,
                                   int(evaluation.get("knn_k", 5)), int(config.get("seed", 0)))

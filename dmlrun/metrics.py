@@ -102,8 +102,8 @@ def retrieval_metrics(
     k_small = min(max(*recall_ks, knn_k), len(reference) - int(leave_one_out))
     k_all = r_all.clamp_min(k_small)  # how many leading neighbours each query needs, in order
     sums = dict.fromkeys((*RETRIEVAL_NAMES, *(f"recall_at_{k}" for k in recall_ks)), 0.0)
-    for start, stop, nn_idx in _search(queries, reference, distance, k_all, leave_one_out,
-                                       chunk_size):
+    for start, stop, nn_idx, _ in _search(queries, reference, distance, k_all,
+                                          leave_one_out, chunk_size):
         _accumulate(sums, nn_idx, ref_ids, query_ids[start:stop], r_all[start:stop], k_small,
                     len(ref_classes), recall_ks, knn_k)
     n, n_with_r = len(queries), max(int((r_all > 0).sum()), 1)
@@ -117,25 +117,55 @@ def retrieval_metrics(
 
 def _search(
     queries: torch.Tensor, reference: torch.Tensor, distance: Distance, k: torch.Tensor,
-    leave_one_out: bool, chunk_size: int,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """For each chunk of queries: (start, stop, (B, max k) reference columns), the first
-    k[b] of row b its k[b] nearest references in order of (distance, index); in
-    leave-one-out the query's own column is left out."""
+    leave_one_out: bool, chunk_size: int, exclude: torch.Tensor | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """For each chunk of queries: (start, stop, (B, max k) reference columns, (B, N)
+    distances), the first k[b] of row b its k[b] nearest references in order of (distance,
+    index). In leave-one-out the query's own column is left out; ``exclude`` (Q,) names
+    one column per query to leave out (-1: none). Left-out columns read inf in the
+    distances, which are overwritten by the next chunk."""
     pairwise = _chunk_pairwise(distance, reference)
     mask = torch.empty(0, dtype=torch.bool)
-    for start in range(0, len(queries), chunk_size):
-        stop = min(start + chunk_size, len(queries))
+    if leave_one_out:
+        exclude = torch.arange(len(queries), device=queries.device)
+    for start, stop in ((s, min(s + chunk_size, len(queries)))
+                        for s in range(0, len(queries), chunk_size)):
         dist = pairwise(queries[start:stop])
         if dist.dtype in (torch.float16, torch.bfloat16):
             dist = dist.float()  # exact, and the sort keys take 32-bit floats
-        if leave_one_out:
-            rows = torch.arange(stop - start, device=dist.device)
-            dist[rows, rows + start] = float("inf")
+        own = None
+        if exclude is not None:
+            cols = exclude[start:stop].to(dist.device)
+            own = (torch.nonzero(cols >= 0).squeeze(1), cols[cols >= 0])
+            dist[own] = float("inf")
         if mask.shape[0] < len(dist) or mask.device != dist.device:
             mask = torch.empty(dist.shape, dtype=torch.bool, device=dist.device)
-        yield start, stop, _neighbours(dist, k[start:stop], mask[: len(dist)],
-                                       start if leave_one_out else None)
+        yield start, stop, _neighbours(dist, k[start:stop], mask[: len(dist)], own), dist
+
+
+@torch.no_grad()
+def nearest_neighbours(
+    queries: torch.Tensor, reference: torch.Tensor, k: int, distance: Distance | None = None,
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact search, the same as the metrics': the ``k`` nearest rows of (N, D) ``reference``
+    for each of (Q, D) ``queries``, ordered by (distance, reference index). ``exclude`` (Q,):
+    a reference row to leave out of each query's neighbours (its own item; -1 for none).
+    Returns (Q, k) indices and (Q, k) distances; k is capped at the references available."""
+    distance = distance if distance is not None else EuclideanDistance()
+    k = min(k, len(reference) - int(exclude is not None and bool((exclude >= 0).any())))
+    if len(queries) == 0 or k <= 0:
+        empty = torch.zeros(len(queries), max(k, 0))
+        return empty.long(), empty
+    chunk_size = min(1024, max(16, 2**24 // len(reference)))
+    ks = torch.full((len(queries),), k, dtype=torch.long, device=queries.device)
+    idx, dist = [], []
+    for _, _, nn_idx, d in _search(queries, reference, distance, ks, False, chunk_size,
+                                   exclude):
+        nn_idx = nn_idx[:, :k].to(d.device)
+        idx.append(nn_idx)
+        dist.append(d.gather(1, nn_idx))
+    return torch.cat(idx), torch.cat(dist)
 
 
 class PerQuery(NamedTuple):
@@ -158,8 +188,8 @@ def per_query(embeddings: torch.Tensor, labels: torch.Tensor,
     _, r = _query_classes(labels, classes, ids, leave_one_out=True)
     chunk_size = min(1024, max(16, 2**24 // len(embeddings)))
     hit1, ap, nearest = [], [], []
-    for start, stop, nn_idx in _search(embeddings, embeddings, distance, r.clamp_min(1),
-                                       True, chunk_size):
+    for start, stop, nn_idx, _ in _search(embeddings, embeddings, distance, r.clamp_min(1),
+                                          True, chunk_size):
         rq = r[start:stop]
         width = max(int(rq.max()), 1)
         ranks = torch.arange(1, width + 1, device=nn_idx.device)
@@ -217,18 +247,18 @@ def _accumulate(
 
 
 def _neighbours(
-    dist: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, self_offset: int | None,
+    dist: torch.Tensor, k: torch.Tensor, mask: torch.Tensor,
+    own: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     """(B, N) distances -> (B, max k) columns of which the first k[b] in row b are its k[b]
     nearest, ordered by (distance, column). Only the columns within a threshold at or above
-    the k[b]-th distance get sorted. In leave-one-out, row b's own column, b + self_offset,
-    is left out. mask: a (B, N) bool work buffer."""
-    rows = torch.arange(len(dist), device=dist.device)
+    the k[b]-th distance get sorted. ``own`` (rows, columns): entries left out (a query's
+    own item). mask: a (B, N) bool work buffer."""
     row_starts = torch.arange(len(dist) + 1, device=dist.device) * dist.shape[1]
     torch.le(dist, _threshold(dist, k)[:, None], out=mask)
     for attempt in range(2):
-        if self_offset is not None:
-            mask[rows, rows + self_offset] = False
+        if own is not None:
+            mask[own] = False
         flat = _flat_nonzero(mask)
         bounds = torch.searchsorted(flat, row_starts)
         short = bounds.diff() < k

@@ -32,13 +32,20 @@ def decode_image(path: str | Path, image_size: int, channels: int) -> np.ndarray
             return arr[None]
         if channels == 3 and arr.ndim == 3 and arr.shape[2] == 3:
             return np.ascontiguousarray(arr[:, :, ::-1].transpose(2, 0, 1))  # BGR -> RGB
+    return read_image(path, image_size, channels)
+
+
+def read_image(path: str | Path, image_size: int, channels: int) -> np.ndarray:
+    """One image file as uint8 (C, S, S) through PIL alone: decoded in full (a truncated
+    or unreadable file raises ``UserError``), converted to grey (1) or RGB (3), resized."""
     mode = {1: "L", 3: "RGB"}[channels]
     try:
         with Image.open(path) as img:
+            img.load()
             if img.mode != mode or img.size != (image_size, image_size):  # else: as stored
                 img = img.convert(mode).resize((image_size, image_size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except OSError as exc:
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for bad files
         raise UserError(f"cannot read image {path}: {exc}") from exc
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
