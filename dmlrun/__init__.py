@@ -1,7 +1,8 @@
 """dmlrun: a command-line experiment runner for deep metric learning.
 
 The public API: ``load_embedder`` (a trained model from a run folder, as a
-``TrainedEmbedder``) and ``evaluate`` (query/reference retrieval metrics).
+``TrainedEmbedder``), ``evaluate`` (query/reference retrieval metrics) and ``Index``
+(embed images with a run's model, search them).
 They load lazily (PEP 562), deliberately: the commands' ``--help`` answers without
 importing torch.
 """
@@ -16,7 +17,7 @@ from dmlrun import config as _config  # noqa: F401  (registers resolvers)
 __version__ = "0.1.0"
 
 _LAZY = {"TrainedEmbedder": "dmlrun.embedder", "load_embedder": "dmlrun.embedder",
-         "evaluate": "dmlrun.metrics"}
+         "evaluate": "dmlrun.metrics", "Index": "dmlrun.index"}
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +26,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dmlrun' has no attribute {name!r}")
 
 
-__all__ = ["TrainedEmbedder", "__version__", "evaluate", "load_embedder"]
+__all__ = ["Index", "TrainedEmbedder", "__version__", "evaluate", "load_embedder"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import json
 import os
 import shutil
@@ -192,11 +193,14 @@ def _write(folder: Path, source, positions, ids, result: dict) -> None:
             top = int(counts.argmax())
             name = source.class_names[top] if source.class_names else str(top)
             text = f"most common label: {name} ({float(counts[top]) / size:.0%})"
-        sheets.append((c, size, text, [(source.display(int(i)), Path(source.names[i]).name)
+        sheets.append((c, size, text, [(source.display(int(i)), source.short_name(int(i)))
                                        for i in shown]))
-    facts = "<p>" + ", ".join(f"{k}: {result[k]}" for k in ("images", "method", "k",
-                                                              "silhouette", "nmi", "ami")
-                              if k in result) + "</p>"
+    where = source.spec.get("folder") or " ".join([*source.spec["dataset"],
+                                                   f"split={source.spec['split']}"])
+    facts = (f"<p>source: {html.escape(where)}<br>run: {html.escape(result['run'])}<br>"
+             + html.escape(", ".join(f"{k}: {result[k]}" for k in (
+                 "images", "method", "k", "silhouette", "nmi", "ami") if k in result))
+             + "</p>")
     write_cluster_page(folder / "clusters.html", f"Clusters of {len(positions)} images", sheets,
                        facts)
 

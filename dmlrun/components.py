@@ -57,6 +57,7 @@ def choice(cfg: DictConfig, group: str) -> str:
 RUN_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
     "seed": int, "trainer.max_epochs": int, "trainer.log_every": int,
     "trainer.eval_batch_size": int, "trainer.warmup_epochs": (int, float),
+    "trainer.ema_decay": (float, type(None)),
     "trainer.early_stopping_patience": (int, type(None)), "trainer.channels_last": bool,
     "trainer.epoch_plots": bool, "evaluation.knn_k": int, "evaluation.baselines": bool,
     "dataset.labeled_per_class": (int, type(None)),

@@ -42,10 +42,15 @@ class TrainingState:
     scheduler: Any  # an LRScheduler or None
     sampler_rng: torch.Generator
     semi: Any = None  # a semi.SemiSupervision (its pseudo-labels), or None
+    # a train.WeightAverage, or None. Checkpoints are written while the averaged weights
+    # are in the model (so "model" is what was validated and is tested), and "ema" then
+    # holds the model's own weights; loading swaps them back to train on.
+    ema: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "semi": self.semi.state_dict() if self.semi is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -67,6 +72,9 @@ class TrainingState:
         self.sampler_rng.set_state(state["sampler_rng"])
         if self.semi is not None:
             self.semi.load_state_dict(state["semi"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+            self.ema.swap()  # the model's own weights back in the model
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():

@@ -63,7 +63,7 @@ from dmlrun.semi import (
     penultimate_features,
     pick_labeled,
 )
-from dmlrun.train import StepConfig, ViewsTerm, fit
+from dmlrun.train import StepConfig, ViewsTerm, WeightAverage, fit
 
 log = logging.getLogger("dmlrun")
 
@@ -192,6 +192,8 @@ def check_config(cfg: DictConfig, world: int = 1) -> None:
          f"scheduler.anneal must be cosine or null, got {cfg.scheduler.get('anneal')!r}"),
         (0 <= float(cfg.get("scheduler", {}).get("min_lr_ratio", 0.0)) <= 1,
          f"scheduler.min_lr_ratio must be in [0, 1], got {cfg.scheduler.get('min_lr_ratio')}"),
+        (tcfg.get("ema_decay") is None or 0 < float(tcfg.ema_decay) < 1,
+         f"trainer.ema_decay must be in (0, 1) or null, got {tcfg.get('ema_decay')}"),
         (int(tcfg.eval_batch_size) >= 1,
          f"trainer.eval_batch_size must be >= 1, got {tcfg.eval_batch_size}"),
         (int(cfg.evaluation.knn_k) >= 1, f"evaluation.knn_k must be >= 1, got "
@@ -332,8 +334,10 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: t
     ctx = Context(cfg, run_dir, ranks, device, parts, _load_data(cfg, names, parts, device),
                   amp_dtype, names, logger)
     semi = _semi_supervision(cfg, ctx.data, parts.sampler, run_dir)
+    decay = cfg.trainer.get("ema_decay")
     training = TrainingState(parts.model, parts.loss, parts.optimizer, parts.scheduler,
-                             torch.Generator().manual_seed(int(cfg.seed)), semi)
+                             torch.Generator().manual_seed(int(cfg.seed)), semi,
+                             WeightAverage(parts.model, float(decay)) if decay else None)
     recorder = Recorder(run_dir, str(cfg.trainer.monitor),
                         OmegaConf.to_container(cfg, resolve=True))
     evaluator = Evaluator(parts.model, parts.loss.distance, int(cfg.evaluation.knn_k),
@@ -605,8 +609,8 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
                           str(tcfg.get("mining", "global")),
                           float(tcfg.get("warmup_epochs", 0.0)),
                           cfg.scheduler.get("anneal"), int(tcfg.max_epochs),
-                          float(cfg.scheduler.get("min_lr_ratio", 0.0)), parts.augment,
-                          parts.views)
+                          float(cfg.scheduler.get("min_lr_ratio", 0.0)), training.ema,
+                          parts.augment, parts.views)
     eval_bs = int(tcfg.eval_batch_size)
     if semi is None:
         def next_epoch() -> Epoch:

@@ -67,6 +67,10 @@ class Source:
         """Item ``i`` as a picture to show (its own colours and shape)."""
         raise NotImplementedError
 
+    def short_name(self, i: int) -> str:
+        """Item ``i``'s name for a caption."""
+        return self.names[i]
+
 
 def embed_batches(run, source: Source, progress: bool | None = None
                   ) -> Iterator[tuple[Batch, torch.Tensor]]:
@@ -155,6 +159,9 @@ class FolderSource(Source):
     def display(self, i: int) -> Image.Image:
         with Image.open(self.paths[i]) as img:
             return img.convert("RGB")
+
+    def short_name(self, i: int) -> str:
+        return str(self.paths[i].relative_to(self.root))
 
 
 class SplitSource(Source):

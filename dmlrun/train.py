@@ -38,6 +38,46 @@ class ViewsTerm:
     weight: float = 1.0
 
 
+class WeightAverage:
+    """Exponential moving average of a model's parameters and floating buffers (Polyak
+    averaging; "EMA" in timm and torch.optim.swa_utils), updated after every applied step
+    with decay ``min(decay, (1 + n) / (10 + n))`` at update ``n`` (so the first updates
+    follow the model). ``swap`` exchanges the model's weights and the average in place:
+    the run swaps before validation and checkpointing, so validation, best.pt and the test
+    see the averaged weights, and swaps back to train on."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the averaging decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.tensors = [t for t in (*model.parameters(), *model.buffers())
+                        if t.is_floating_point()]
+        self.average = [t.detach().clone() for t in self.tensors]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [t.detach() for t in self.tensors], 1.0 - decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for t, a in zip(self.tensors, self.average, strict=True):
+            held = t.detach().clone()
+            t.copy_(a)
+            a.copy_(held)
+
+    def state_dict(self) -> dict:
+        return {"average": [a.clone() for a in self.average], "updates": self.updates}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for a, saved in zip(self.average, state["average"], strict=True):
+            a.copy_(saved)
+        self.updates = int(state["updates"])
+
+
 @dataclass
 class StepConfig:
     """How a training step runs: autocast dtype (None = fp32), channels-last input."""
@@ -65,6 +105,8 @@ class StepConfig:
     anneal: str | None = None
     max_epochs: int = 1
     min_lr_ratio: float = 0.0
+    # Averaged weights updated after every applied step (trainer.ema_decay), or None.
+    ema: WeightAverage | None = None
     # Applied to every float training batch on the device (e.g. augment.RandomAffine).
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     # The loss on ``Epoch.views`` batches.
@@ -326,6 +368,8 @@ def train_epoch(
         for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
             group["lr"] = lr * warm
         optimizer.step()
+        if step_cfg.ema is not None:
+            step_cfg.ema.update()
         steps[step] = _step_row(loss_fn, batch)
         if (step + 1) % step_cfg.log_every == 0 or step + 1 == len(epoch):
             progress.update(step, steps[: step + 1][applied[: step + 1]], zero_streak)
@@ -395,11 +439,16 @@ def fit(
             on_steps(epoch_no, steps)
         if scheduler is not None:
             scheduler.step()
+        if step_cfg.ema is not None:
+            step_cfg.ema.swap()  # validate and checkpoint the averaged weights
         val = validate(epoch_no)
         record = {"epoch": epoch_no, "lr": lr, **stats,
                   **{f"val_{k}": v for k, v in val.items()},
                   "epoch_seconds": time.perf_counter() - t0}
         history.append(record)
-        if on_epoch_end(record):
+        stop = on_epoch_end(record)
+        if step_cfg.ema is not None:
+            step_cfg.ema.swap()  # train on from the model's own weights
+        if stop:
             break
     return history

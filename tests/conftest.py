@@ -48,3 +48,12 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
     cmd = (exe or [sys.executable, "-m", "dmlrun"]) + args
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def render_dom(page: Path, profile: Path) -> subprocess.CompletedProcess:
+    """The DOM of ``page`` after it loaded in headless chromium (stderr has the console)."""
+    return subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
+                           "--disable-background-networking", "--disable-component-update",
+                           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+                           "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)

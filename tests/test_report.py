@@ -7,14 +7,13 @@ import io
 import json
 import re
 import shutil
-import subprocess
 
 import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
 from dmlrun import plots
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, render_dom, run_cli
 
 PLOTS = ("embedding.png", "curves.png", "gallery.png", "distances.png", "confusion.png",
          "per_class.png", "epochs/epoch_000.png", "epochs/epoch_002.png",
@@ -65,11 +64,7 @@ def test_per_class_metrics_add_up_to_the_test_metrics(finished):
                     "above checks the images instead")
 def test_the_report_renders_in_a_headless_browser(finished, tmp_path):
     run_dir, _ = finished
-    res = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
-                          "--v=0", "--virtual-time-budget=10000", "--dump-dom",
-                          (run_dir / "report.html").as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    res = render_dom(run_dir / "report.html", tmp_path / "profile")
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'data-images="7"' in res.stdout and 'data-images-ok="true"' in res.stdout
     assert "CONSOLE" not in res.stderr, res.stderr[-2000:]  # no console message at all
@@ -82,10 +77,7 @@ def test_a_broken_image_is_marked_by_the_page(tmp_path):
                                                        'base64,AAAA">']))
     if not shutil.which("chromium"):
         pytest.skip("no chromium")
-    res = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-                          "--virtual-time-budget=10000", (tmp_path / "p.html").as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    res = render_dom(tmp_path / "p.html", tmp_path / "profile")
     assert 'data-images-ok="false"' in res.stdout and "image failed to load" in res.stdout
 
 
