@@ -11,8 +11,9 @@ from dmlrun.data.samplers import PKSampler
 from dmlrun.losses import TripletLoss
 from dmlrun.miners import HardMiner
 from dmlrun.models import MLP
-from dmlrun.train import StepConfig, lr_factor, train_epoch
-from tests.conftest import compose_cfg
+from dmlrun.run import run
+from dmlrun.train import StepConfig, WeightAverage, lr_factor, train_epoch
+from tests.conftest import TINY, compose_cfg
 
 
 class RecordingAdam(torch.optim.Adam):
@@ -75,3 +76,44 @@ def test_each_step_trains_at_the_scheduled_rate():
 def test_cosine_steps_config_builds_no_epoch_scheduler():
     cfg = compose_cfg(["scheduler=cosine_steps"])
     assert cfg.scheduler.anneal == "cosine" and "_target_" not in cfg.scheduler
+
+
+def test_weight_average_follows_then_averages_and_swaps_back():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    avg = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg.update()  # update 1: decay min(0.5, 2 / 11): mostly the new weights
+    assert avg.average[0] == pytest.approx(torch.full((1, 2), 9 / 11))
+    for _ in range(40):
+        avg.update()
+    assert avg.average[0] == pytest.approx(torch.ones(1, 2))
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    avg.update()  # decay 0.5 now: half-way to the new weights
+    assert avg.average[0] == pytest.approx(torch.full((1, 2), 2.0))
+    avg.swap()
+    assert torch.equal(model.weight, torch.full((1, 2), 2.0))
+    state = avg.state_dict()
+    assert torch.equal(state["average"][0], torch.full((1, 2), 3.0))
+    avg.swap()
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))
+    with pytest.raises(ValueError):
+        WeightAverage(model, decay=1.0)
+
+
+def test_a_run_with_averaged_weights_checkpoints_the_average(tmp_path, data_dir):
+    cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.ema_decay=0.9",
+                              "trainer.epoch_plots=false", "evaluation.baselines=false"])
+    summary = run(cfg, tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert last["ema"]["updates"] == cfg.trainer.max_epochs * cfg.sampler.batches_per_epoch
+    # "model" is the average (validated and tested); "ema" keeps the trained weights, which
+    # differ from it after a few steps
+    weights = [v for v in last["model"].values() if v.is_floating_point()]
+    assert len(weights) == len(last["ema"]["average"])
+    assert any(not torch.equal(a, w) for a, w in zip(last["ema"]["average"], weights,
+                                                     strict=True))
+    assert summary["test"]["precision_at_1"] > 0.2
