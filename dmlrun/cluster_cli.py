@@ -16,8 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dmlrun.errors import EXIT_USER_ERROR, UserError
-from dmlrun.index_cli import stop_on_sigterm
+from dmlrun.errors import UserError, run_command
 
 SILHOUETTE_SAMPLE = 5000  # points the silhouette is estimated on (seeded)
 AGGLOMERATIVE_MAX = 20000  # agglomerative clustering keeps all N^2 distances
@@ -247,16 +246,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    stop_on_sigterm()
-    try:
-        r = run_clustering(args.run, args.source, Path(args.out), args.k, args.k_range,
-                           args.threshold, args.labels, args.device, args.seed)
-    except UserError as exc:
-        print(f"dmlrun-cluster: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("dmlrun-cluster: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    return run_command("dmlrun-cluster", lambda: _cluster(args))
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    r = run_clustering(args.run, args.source, Path(args.out), args.k, args.k_range,
+                       args.threshold, args.labels, args.device, args.seed)
     print(f"{r['images']} images -> {r['k']} clusters ({r['method']}), silhouette "
           f"{r['silhouette']:.4f}; sizes {r['sizes'][:12]}{' ...' if len(r['sizes']) > 12 else ''}")
     if r["skipped"]:

@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from dmlrun.errors import EXIT_USER_ERROR, UserError
+from dmlrun.errors import UserError, run_command
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-5  # largest |difference| accepted against load_embedder (float32 rounding)
@@ -146,11 +146,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        result = export(args.run, args.out, args.format)
-    except UserError as exc:
-        print(f"dmlrun-export: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_command("dmlrun-export", lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
+    result = export(args.run, args.out, args.format)
     print(f"wrote {result['file']} ({result['format']}): uint8 images "
           f"{json.loads(result['input'])} -> {result['embedding_dim']}-D embeddings "
           f"({result['distance']} distance); largest difference from the run's model "

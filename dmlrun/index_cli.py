@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from dmlrun.errors import EXIT_USER_ERROR, UserError
+from dmlrun.errors import UserError, run_command
 
 EXAMPLES = """examples:
   dmlrun-index build outputs/2026-12-06/10-00-00 dataset=mnist split=test --out mnist-test
@@ -168,27 +168,10 @@ def _print_table(results: list[dict]) -> None:
             print(f"  {nb['rank']:>3}  {nb['distance']:>10.4f}  {nb['name']}{label}")
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so half-written output is removed on the way out."""
-    import signal
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    stop_on_sigterm()
-    try:
-        return {"build": build, "add": add, "search": search}[args.command](args)
-    except UserError as exc:
-        print(f"dmlrun-index: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("dmlrun-index: interrupted; nothing was changed", file=sys.stderr)
-        return 130
+    commands = {"build": build, "add": add, "search": search}
+    return run_command("dmlrun-index", lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":
