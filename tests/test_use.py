@@ -310,3 +310,13 @@ def test_an_image_of_the_wrong_kind_still_embeds_as_the_run_reads_it(test_index,
     Image.new("RGB", (50, 40), (200, 30, 30)).save(path)
     hits = test_index.search_files([path], k=2)
     assert hits.indices.shape == (1, 2)
+
+
+def test_a_missing_onnx_is_one_message_and_no_file(trained, tmp_path, monkeypatch):
+    from dmlrun.export import export
+
+    run_dir, _ = trained
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(UserError, match=r"pip install 'dmlrun\[export\]'"):
+        export(run_dir, tmp_path / "m.onnx", "onnx")
+    assert list(tmp_path.iterdir()) == []
