@@ -439,13 +439,20 @@ def clustering_metrics(
 
 def evaluate_embeddings(
     embeddings: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None,
-    knn_k: int = 5, seed: int = 0,
+    knn_k: int = 5, seed: int = 0, query_count: int | None = None,
 ) -> dict[str, float]:
-    """Every metric of METRIC_NAMES, leave-one-out, for (N, D) embeddings. Non-finite
-    embeddings (a diverged model) give NaN for every metric."""
+    """Every metric of METRIC_NAMES for (N, D) embeddings: leave-one-out, or with
+    ``query_count`` the first ``query_count`` rows as queries against the rest (a gallery);
+    clustering on all rows. Non-finite embeddings (a diverged model) give NaN for every
+    metric."""
     if not torch.isfinite(embeddings).all():
         return dict.fromkeys(METRIC_NAMES, float("nan"))
-    out = retrieval_metrics(embeddings, labels, distance=distance, knn_k=knn_k)
+    if query_count is None:
+        out = retrieval_metrics(embeddings, labels, distance=distance, knn_k=knn_k)
+    else:
+        q = int(query_count)
+        out = retrieval_metrics(embeddings[:q], labels[:q], embeddings[q:], labels[q:],
+                                distance=distance, knn_k=knn_k)
     out.update(clustering_metrics(embeddings, labels, distance, seed))
     return out
 

@@ -489,7 +489,7 @@ class Evaluator:
         """(N, D) embeddings of a split's images, and every metric on them."""
         emb = embed_split(self.model, split, self.batch_size, self.amp_dtype)
         return emb, evaluate_embeddings(emb, split.labels, self.distance, self.knn_k,
-                                        self.seed)
+                                        self.seed, getattr(split, "query_count", None))
 
     def baselines(self, split: Any) -> dict[str, dict[str, float]]:
         """The metrics of the untrained model and of raw pixels on ``split``."""

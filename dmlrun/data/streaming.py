@@ -9,7 +9,7 @@ and evaluation work unchanged; augmentation stays on the device.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -51,19 +51,31 @@ def read_image(path: str | Path, image_size: int, channels: int) -> np.ndarray:
 
 
 class _Batches(Dataset):
-    """Item i: the decoded uint8 (n_i, C, S, S) images of the i-th index tensor."""
+    """Item i: the decoded uint8 (n_i, C, S, S) images of the i-th index tensor; through
+    ``transform`` when given, with a generator drawn from ``seed`` and the batch's indices
+    when ``train`` (so a resumed run draws the same crops), else without randomness."""
 
     def __init__(self, paths: Sequence[str], index_batches: list[torch.Tensor],
-                 image_size: int, channels: int) -> None:
+                 image_size: int, channels: int, transform: Callable | None = None,
+                 train: bool = False, seed: int = 0) -> None:
         self.paths, self.index_batches = paths, index_batches
         self.image_size, self.channels = image_size, channels
+        self.transform, self.train, self.seed = transform, train, seed
 
     def __len__(self) -> int:
         return len(self.index_batches)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return decode_files([self.paths[j] for j in self.index_batches[i].tolist()],
-                            self.image_size, self.channels)
+        index = self.index_batches[i].tolist()
+        files = [self.paths[j] for j in index]
+        if self.transform is None:
+            return decode_files(files, self.image_size, self.channels)
+        rng = np.random.default_rng([self.seed, len(index), *index[:16]]) if self.train \
+            else None
+        if not files:
+            return torch.zeros(0, self.channels, self.image_size, self.image_size,
+                               dtype=torch.uint8)
+        return torch.from_numpy(np.stack([self.transform(f, rng) for f in files]))
 
 
 def decode_files(paths: Sequence[str], image_size: int, channels: int) -> torch.Tensor:
@@ -76,23 +88,33 @@ def decode_files(paths: Sequence[str], image_size: int, channels: int) -> torch.
 class FileSplit:
     """One split whose images stay on disk: ``paths`` (N,) and ``labels`` (N,) int64 on the
     split's device; images decoded on ``workers`` DataLoader processes, ``prefetch``
-    batches ahead each."""
+    batches ahead each. With a ``transform`` (``data/transforms.py``), images are decoded
+    through it: with random crops and flips for a ``train`` split (seeded by ``seed`` and
+    each batch's indices), without randomness otherwise. ``query_count``: for a test set
+    graded query against gallery (In-Shop), the first ``query_count`` items are the
+    queries and the rest the gallery; None: leave-one-out."""
 
     def __init__(self, paths: Sequence[str], labels: torch.Tensor, image_size: int,
-                 channels: int, workers: int = 2, prefetch: int = 4) -> None:
+                 channels: int, workers: int = 2, prefetch: int = 4,
+                 transform: Callable | None = None, train: bool = False, seed: int = 0,
+                 query_count: int | None = None) -> None:
         self.paths, self.labels = list(paths), labels
         self.image_size, self.channels = image_size, channels
         self.workers, self.prefetch = workers, prefetch
+        self.transform, self.train, self.seed = transform, train, seed
+        self.query_count = query_count
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def _like(self, paths: Sequence[str], labels: torch.Tensor) -> FileSplit:
         return FileSplit(paths, labels, self.image_size, self.channels, self.workers,
-                         self.prefetch)
+                         self.prefetch, self.transform, self.train, self.seed)
 
     def to(self, device: torch.device | str) -> FileSplit:
-        return self._like(self.paths, self.labels.to(device))
+        moved = self._like(self.paths, self.labels.to(device))
+        moved.query_count = self.query_count
+        return moved
 
     def subset(self, index: torch.Tensor) -> FileSplit:
         index = index.cpu()
@@ -102,10 +124,14 @@ class FileSplit:
     def with_labels(self, labels: torch.Tensor) -> FileSplit:
         return self._like(self.paths, labels)
 
+    def _decoder(self, rows: list[torch.Tensor], train: bool) -> _Batches:
+        return _Batches(self.paths, rows, self.image_size, self.channels, self.transform,
+                        train, self.seed)
+
     def take(self, index: torch.Tensor) -> torch.Tensor:
-        """(len(index), C, S, S) uint8 images decoded here, on the split's device."""
-        files = [self.paths[i] for i in index.cpu().tolist()]
-        return decode_files(files, self.image_size, self.channels).to(self.labels.device)
+        """(len(index), C, S, S) uint8 images decoded here (without random transforms), on
+        the split's device."""
+        return self._decoder([index.cpu()], False)[0].to(self.labels.device)
 
     def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The images of each index tensor in turn, decoded ahead by the workers and
@@ -113,9 +139,8 @@ class FileSplit:
         device = self.labels.device
         rows = list(index_batches.cpu()) if isinstance(index_batches, torch.Tensor) else \
             [i.cpu() for i in index_batches]  # one copy from the device, not one per row
-        data = _Batches(self.paths, rows, self.image_size, self.channels)
-        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers,
-                            pin_memory=device.type == "cuda",
+        loader = DataLoader(self._decoder(rows, self.train), batch_size=None, shuffle=False,
+                            num_workers=self.workers, pin_memory=device.type == "cuda",
                             prefetch_factor=self.prefetch if self.workers else None)
         for images in loader:
             yield images.to(device, non_blocking=True)
