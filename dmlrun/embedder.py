@@ -64,7 +64,9 @@ def load_embedder(path: str | Path, device: str = "cpu") -> TrainedEmbedder:
     ``distance``."""
     state = load_checkpoint(resolve_checkpoint(path), map_location=device)
     config = state["config"]
-    model = instantiate(config["model"])
+    # the checkpoint holds every weight: pretrained ones are not read again
+    no_fetch = {"weights": None} if "weights" in config["model"] else {}
+    model = instantiate(config["model"], **no_fetch)
     model.load_state_dict(state["model"])
     node = config.get("loss", {}).get("distance")
     distance = instantiate(node) if isinstance(node, dict) and "_target_" in node else \

@@ -285,9 +285,11 @@ def validate_config(cfg: DictConfig, world: int = 1,
 
 
 def param_groups(model: torch.nn.Module, loss_fn: torch.nn.Module) -> list[dict]:
-    """The model's parameters, plus the loss's own (proxies, beta) at ``loss.param_lr``
-    when set."""
-    groups: list[dict] = [{"params": list(model.parameters())}]
+    """The model's parameters (in the model's own groups when it has them, e.g. a trunk
+    at ``model.trunk_lr``), plus the loss's own (proxies, beta) at ``loss.param_lr`` when
+    set."""
+    groups: list[dict] = model.parameter_groups() if hasattr(model, "parameter_groups") \
+        else [{"params": list(model.parameters())}]
     own = [p for p in loss_fn.parameters() if p.requires_grad]
     if own:
         lr = getattr(loss_fn, "param_lr", None)

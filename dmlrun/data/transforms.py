@@ -7,9 +7,10 @@ training image and None for evaluation (no randomness).
   evaluation alike (the behaviour of in-memory datasets).
 - ``ImageNetTransform`` (``transform=imagenet``): what ImageNet-pretrained backbones are
   trained and graded with in the metric-learning literature. Training: the shorter side
-  resized to ``resize``, a random crop of ``scale`` of the area and an aspect ratio in
-  ``ratio`` resized to ``crop_size``, flipped left-right half the time. Evaluation: the
-  shorter side resized to ``resize``, the centre ``crop_size`` square.
+  resized to ``resize`` (default ``crop_size`` x 256 / 224), a random crop of ``scale`` of
+  the area and an aspect ratio in ``ratio`` resized to ``crop_size``, flipped left-right
+  half the time. Evaluation: the shorter side resized to ``resize``, the centre
+  ``crop_size`` square.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ class ImageNetTransform:
 
     channels = 3
 
-    def __init__(self, crop_size: int = 224, resize: int = 256,
+    def __init__(self, crop_size: int = 224, resize: int | None = None,
                  scale: Sequence[float] = (0.16, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True) -> None:
+        if resize is None:  # the usual 256 for 224, in proportion for other crops
+            resize = round(crop_size * 256 / 224)
         if not 0 < crop_size <= resize:
             raise ValueError(f"need 0 < crop_size <= resize, got {crop_size}, {resize}")
         if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:

@@ -1,5 +1,7 @@
 """Shared pieces of the embedding networks."""
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,14 +14,15 @@ class Embedder(nn.Module):
     Subclasses implement ``embed(x) -> (B, D)`` on normalised input.
     """
 
-    def __init__(self, embedding_dim: int, l2_normalize: bool, mean: float, std: float) -> None:
+    def __init__(self, embedding_dim: int, l2_normalize: bool, mean: float | Sequence[float],
+                 std: float | Sequence[float]) -> None:
         super().__init__()
-        if embedding_dim < 1 or std <= 0:
+        self.register_buffer("mean", _channel_stat(mean))
+        self.register_buffer("std", _channel_stat(std))
+        if embedding_dim < 1 or bool((self.std <= 0).any()):
             raise ValueError(f"need embedding_dim >= 1 and std > 0, got {embedding_dim}, {std}")
         self.embedding_dim = embedding_dim
         self.l2_normalize = l2_normalize
-        self.register_buffer("mean", torch.tensor(float(mean)))
-        self.register_buffer("std", torch.tensor(float(std)))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -28,3 +31,10 @@ class Embedder(nn.Module):
         """(B, C, H, W) float in [0, 1] -> (B, D)."""
         out = self.embed((x - self.mean) / self.std)
         return F.normalize(out, dim=1) if self.l2_normalize else out
+
+
+def _channel_stat(value: float | Sequence[float]) -> torch.Tensor:
+    """A scalar (every channel alike) or one value per channel, shaped (C, 1, 1)."""
+    if isinstance(value, int | float):
+        return torch.tensor(float(value))
+    return torch.tensor([float(v) for v in value]).view(-1, 1, 1)

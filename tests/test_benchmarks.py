@@ -1,0 +1,194 @@
+"""The image benchmarks (CUB-200-2011, Cars196, SOP, In-Shop) on replicas of their official
+layouts, the ImageNet transforms, and torchvision backbones with pretrained weights read
+from a TORCH_HOME the tests prepare (no network)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmlrun.data.benchmarks import OFFICIAL, load_benchmark
+from dmlrun.data.transforms import ImageNetTransform
+from dmlrun.errors import ConfigError, UserError
+from dmlrun.metrics import evaluate_embeddings
+from dmlrun.models.backbone import TorchvisionEmbedder
+from tests.conftest import DATA_DIR, run_cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import make_replicas  # noqa: E402
+
+NAMES = ("cub200", "cars196", "sop", "inshop")
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("replicas")
+    counts = {name: make_replicas.make(name, root, DATA_DIR, per_class=6) for name in NAMES}
+    return root, counts
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_replica_parses_with_exact_counts_and_disjoint_classes(replicas, name):
+    root, counts = replicas
+    data = load_benchmark(name, str(root), ImageNetTransform(32), fold=1, workers=0)
+    train_n, train_c = counts[name]["train"]
+    assert len(data.train) + len(data.val) == train_n
+    train_cls, val_cls = set(data.train.labels.tolist()), set(data.val.labels.tolist())
+    test_cls = set(data.test.labels.tolist())
+    assert len(train_cls) + len(val_cls) == train_c
+    assert len(val_cls) == len(np.array_split(np.arange(train_c), 4)[1])  # fold 1 of 4
+    assert not (train_cls & val_cls) and not (test_cls & (train_cls | val_cls))
+    assert train_cls == set(range(data.num_classes))  # 0..C-1, as proxy losses want
+    if name == "inshop":
+        assert data.test.query_count == counts[name]["query"][0]
+        assert len(data.test) == counts[name]["query"][0] + counts[name]["gallery"][0]
+    else:
+        assert data.test.query_count is None
+        assert (len(data.test), len(test_cls)) == counts[name]["test"]
+    image = data.train.take(torch.tensor([0]))
+    assert image.shape == (1, 3, 32, 32) and image.dtype == torch.uint8
+
+
+def test_replica_counts_differ_from_the_official_ones_and_say_so(replicas, caplog):
+    root, _ = replicas
+    with caplog.at_level("WARNING", logger="dmlrun"):
+        load_benchmark("cub200", str(root), ImageNetTransform(32), workers=0)
+    assert f"the official set has {OFFICIAL['cub200']['train'][0]}" in caplog.text
+
+
+def test_missing_and_malformed_files_are_named(replicas, tmp_path):
+    root, _ = replicas
+    with pytest.raises(UserError, match=r"CUB_200_2011/images.txt is missing.*caltech"):
+        load_benchmark("cub200", str(tmp_path), ImageNetTransform(32))
+    bad = tmp_path / "InShop" / "Eval"
+    bad.mkdir(parents=True)
+    (bad / "list_eval_partition.txt").write_text("2\nimage_name item_id evaluation_status\n"
+                                                 "img/a.jpg id_00000001\n")
+    with pytest.raises(UserError, match=r"list_eval_partition.txt line 3 is malformed"):
+        load_benchmark("inshop", str(tmp_path), ImageNetTransform(32))
+    gone = tmp_path / "sop"
+    (gone / "Stanford_Online_Products").mkdir(parents=True)
+    for f in ("Ebay_train.txt", "Ebay_test.txt"):
+        (gone / "Stanford_Online_Products" / f).write_text(
+            "image_id class_id super_class_id path\n1 1 1 x_final/1_0.JPG\n")
+    with pytest.raises(UserError, match=r"2 image files listed are missing, e.g. .*1_0.JPG"):
+        load_benchmark("sop", str(gone), ImageNetTransform(32))
+    with pytest.raises(ConfigError, match="dataset.fold=4"):
+        load_benchmark("cub200", str(root), ImageNetTransform(32), fold=4)
+
+
+def test_a_missing_dataset_is_one_message_and_exit_2(tmp_path):
+    res = run_cli(["dataset=cub200", "model=resnet18", "model.weights=null",
+                   f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+                  cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "CUB_200_2011/images.txt is missing" in res.stderr
+
+
+def test_query_gallery_metrics_equal_pytorch_metric_learning():
+    pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    g = torch.Generator().manual_seed(0)
+    q_labels = torch.randint(0, 30, (300,), generator=g)
+    r_labels = torch.cat([torch.arange(30), torch.randint(0, 30, (270,), generator=g)])
+    emb = torch.randn(600, 8, generator=g) + torch.cat([q_labels, r_labels])[:, None] * 0.2
+    labels = torch.cat([q_labels, r_labels])
+    ours = evaluate_embeddings(emb, labels, query_count=300)
+    calc = pml.AccuracyCalculator(include=("precision_at_1", "r_precision",
+                                           "mean_average_precision_at_r"), k="max_bin_count")
+    theirs = calc.get_accuracy(emb[:300], q_labels, emb[300:], r_labels)
+    assert ours["precision_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
+    assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
+
+
+def test_imagenet_transform_is_random_only_for_training(tmp_path):
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 80, 3), np.uint8)).save(path)
+    t = ImageNetTransform(32)
+    assert t.resize == 37  # 32 x 256 / 224
+    assert np.array_equal(t(path), t(path)) and t(path).shape == (3, 32, 32)
+    a = t(path, np.random.default_rng(5))
+    assert np.array_equal(a, t(path, np.random.default_rng(5)))
+    assert not np.array_equal(a, t(path, np.random.default_rng(6)))
+    rng = np.random.default_rng(1)
+    for h, w in ((37, 60), (300, 40), (37, 37)):
+        top, left, ch, cw = t.crop_box(h, w, rng)
+        assert top >= 0 and top + ch <= h and left >= 0 and left + cw <= w
+
+
+def test_frozen_batchnorm_keeps_its_statistics_through_a_step():
+    torch.manual_seed(0)
+    for freeze in (True, False):
+        model = TorchvisionEmbedder("resnet18", weights=None, embedding_dim=8,
+                                    freeze_bn=freeze).train()
+        bn = model.trunk.bn1
+        before = bn.running_mean.clone()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.rand(4, 3, 32, 32)).sum().backward()
+        opt.step()
+        assert torch.equal(bn.running_mean, before) == freeze
+        assert bn.training == (not freeze) and model.embedding.training
+
+
+def test_pretrained_weights_load_from_torch_home_and_from_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    reference = TorchvisionEmbedder("resnet18", weights=None, embedding_dim=8).trunk
+    with pytest.raises(UserError, match=r"put resnet18-f37072fd.pth .* into .*torch/hub/"
+                                        r"checkpoints"):
+        TorchvisionEmbedder("resnet18", weights="IMAGENET1K_V1", embedding_dim=8)
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(net.state_dict(), folder / "resnet18-f37072fd.pth")
+    torch.save(net.state_dict(), tmp_path / "mine.pth")
+    for weights in ("IMAGENET1K_V1", "DEFAULT", str(tmp_path / "mine.pth")):
+        model = TorchvisionEmbedder("resnet18", weights=weights, embedding_dim=8)
+        assert torch.equal(model.trunk.conv1.weight, net.conv1.weight)
+        assert not torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
+    with pytest.raises(ConfigError, match="resnet18 offers IMAGENET1K_V1"):
+        TorchvisionEmbedder("resnet18", weights="IMAGENET9K", embedding_dim=8)
+
+
+def test_trunk_learning_rate_is_its_own_group():
+    model = TorchvisionEmbedder("resnet18", weights=None, embedding_dim=8, trunk_lr=1e-5)
+    groups = model.parameter_groups()
+    assert groups[0]["lr"] == 1e-5 and "lr" not in groups[1]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def _small_run(root: Path, out: Path, dataset: str, extra: list[str]) -> dict:
+    res = run_cli([f"dataset={dataset}", "model=resnet18", "model.weights=null",
+                   "transform.crop_size=32", "sampler.p=8", "sampler.k=4",
+                   "sampler.batches_per_epoch=3", "trainer.max_epochs=2", "dataset.workers=1",
+                   "trainer.device=cpu", "trainer.progress_bar=false", f"paths.data_dir={root}",
+                   f"hydra.run.dir={out}", *extra], cwd=out.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_a_cub_replica_run_leaves_the_usual_folder_with_colour_plots(replicas, tmp_path):
+    root, _ = replicas
+    summary = _small_run(root, tmp_path / "run", "cub200", [])
+    assert {f"recall_at_{k}" for k in (1, 2, 4, 8)} <= set(summary["test"])
+    assert (tmp_path / "run" / "report.html").stat().st_size > 0
+    gallery = np.asarray(Image.open(tmp_path / "run" / "plots" / "gallery.png").convert("RGB"))
+    spread = gallery.astype(int).max(2) - gallery.astype(int).min(2)
+    assert (spread > 60).mean() > 0.01  # coloured pixels, not grey
+
+
+def test_an_inshop_replica_run_grades_query_against_gallery(replicas, tmp_path):
+    root, counts = replicas
+    summary = _small_run(root, tmp_path / "run", "inshop", [])
+    res = run_cli([str(tmp_path / "run"), f"paths.data_dir={root}", "--output",
+                   str(tmp_path / "eval.json")], cwd=tmp_path,
+                  exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    graded = json.loads((tmp_path / "eval.json").read_text())
+    assert graded["metrics"] == summary["test"]
+    assert graded["n"] == counts["inshop"]["query"][0] + counts["inshop"]["gallery"][0]
