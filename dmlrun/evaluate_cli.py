@@ -88,22 +88,25 @@ def evaluate_checkpoint(
     gallery, distance, confusion and per-class plots there, and per-class metrics in the
     result."""
     from dmlrun.checkpoint import load_checkpoint, resolve_checkpoint
+    from dmlrun.components import build
     from dmlrun.embedder import RunEmbedding
-    from dmlrun.metrics import evaluate_embeddings
+    from dmlrun.metrics import RECALL_KS, evaluate_embeddings
 
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
     config = state["config"]
-    data = load_dataset(config, list(overrides or []))
+    data_config = _dataset_node(config, list(overrides or []))
+    data = build(data_config, "dataset", seed=int(config.get("seed", 0)))
     part = getattr(data, split)
     model = RunEmbedding(ckpt, device)
     emb = model.split(part)
     evaluation = config.get("evaluation", {})
     metrics = evaluate_embeddings(emb, part.labels.to(emb.device), model.distance,
                                   int(evaluation.get("knn_k", 5)), int(config.get("seed", 0)),
-                                  getattr(part, "query_count", None))
+                                  getattr(part, "query_count", None),
+                                  tuple(data_config.get("recall_ks") or RECALL_KS))
     result = {"checkpoint": str(ckpt), "epoch": state.get("epoch"), "dataset": data.name,
               "split": split, "n": len(part), "metrics": metrics}
     if plots_dir is not None and plots_dir is not False:

@@ -437,22 +437,41 @@ def clustering_metrics(
             "ami": adjusted_mutual_info(clusters, labels)}
 
 
+def metric_names(recall_ks: tuple[int, ...] = RECALL_KS) -> tuple[str, ...]:
+    """The metrics ``evaluate_embeddings`` gives with these Recall@K, in display order."""
+    return ("precision_at_1", *(f"recall_at_{k}" for k in recall_ks), "r_precision",
+            "map_at_r", "knn_accuracy", "nmi", "ami")
+
+
+def display_order(names: set[str] | list[str]) -> list[str]:
+    """Metric names in display order (Recall@K by K), unknown names last."""
+    def rank(name: str) -> tuple[int, int]:
+        if name.startswith("recall_at_") and name[10:].isdigit():
+            return 1, int(name[10:])
+        known = metric_names(())
+        return (0 if name == "precision_at_1" else 2 + known.index(name)
+                if name in known else 99), 0
+    return sorted(names, key=rank)
+
+
 def evaluate_embeddings(
     embeddings: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None,
     knn_k: int = 5, seed: int = 0, query_count: int | None = None,
+    recall_ks: tuple[int, ...] = RECALL_KS,
 ) -> dict[str, float]:
-    """Every metric of METRIC_NAMES for (N, D) embeddings: leave-one-out, or with
-    ``query_count`` the first ``query_count`` rows as queries against the rest (a gallery);
-    clustering on all rows. Non-finite embeddings (a diverged model) give NaN for every
-    metric."""
+    """Every metric of ``metric_names(recall_ks)`` for (N, D) embeddings: leave-one-out,
+    or with ``query_count`` the first ``query_count`` rows as queries against the rest (a
+    gallery); clustering on all rows. Non-finite embeddings (a diverged model) give NaN for
+    every metric."""
     if not torch.isfinite(embeddings).all():
-        return dict.fromkeys(METRIC_NAMES, float("nan"))
+        return dict.fromkeys(metric_names(recall_ks), float("nan"))
     if query_count is None:
-        out = retrieval_metrics(embeddings, labels, distance=distance, knn_k=knn_k)
+        out = retrieval_metrics(embeddings, labels, distance=distance, knn_k=knn_k,
+                                recall_ks=recall_ks)
     else:
         q = int(query_count)
         out = retrieval_metrics(embeddings[:q], labels[:q], embeddings[q:], labels[q:],
-                                distance=distance, knn_k=knn_k)
+                                distance=distance, knn_k=knn_k, recall_ks=recall_ks)
     out.update(clustering_metrics(embeddings, labels, distance, seed))
     return out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dmlrun.metrics import METRIC_NAMES
+from dmlrun.metrics import display_order
 
 SHORT = {"precision_at_1": "P@1", "recall_at_1": "R@1", "recall_at_2": "R@2",
          "recall_at_4": "R@4", "recall_at_8": "R@8", "r_precision": "R-precision",
@@ -89,8 +89,9 @@ def _command(run_dir: Path) -> str:
 def _metrics_table(summary: dict) -> str:
     rows = {"trained (test)": summary.get("test", {}), "best epoch (val)": summary.get("val", {}),
             **{f"{k} (test)": v for k, v in summary.get("baselines", {}).items()}}
-    cols = [m for m in METRIC_NAMES if any(m in r for r in rows.values())]
-    return table(["model", *(SHORT.get(c, c) for c in cols)],
+    cols = display_order({m for r in rows.values() for m in r if m in SHORT or
+                          m.startswith("recall_at_")})
+    return table(["model", *(SHORT.get(c, f"R@{c[10:]}") for c in cols)],
                  [[name, *(r.get(c, math.nan) for c in cols)] for name, r in rows.items()])
 
 

@@ -48,6 +48,8 @@ from dmlrun.errors import ConfigError, Interrupted
 from dmlrun.losses.base import MetricLoss
 from dmlrun.metrics import (
     METRIC_NAMES,
+    RECALL_KS,
+    display_order,
     embed,
     embed_split,
     evaluate_embeddings,
@@ -343,7 +345,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: t
     recorder = Recorder(run_dir, str(cfg.trainer.monitor),
                         OmegaConf.to_container(cfg, resolve=True))
     evaluator = Evaluator(parts.model, parts.loss.distance, int(cfg.evaluation.knn_k),
-                          int(cfg.seed), int(cfg.trainer.eval_batch_size), ctx.amp_dtype)
+                          int(cfg.seed), int(cfg.trainer.eval_batch_size), ctx.amp_dtype,
+                          tuple(cfg.dataset.get("recall_ks") or RECALL_KS))
     baselines = (evaluator.baselines(ctx.data.test)
                  if cfg.evaluation.baselines and ranks.main else {})
     start, done = 1, []
@@ -483,22 +486,27 @@ class Evaluator:
     """Embeds with the run's model and grades with the run's distance."""
 
     def __init__(self, model: torch.nn.Module, distance: Any, knn_k: int, seed: int,
-                 batch_size: int, amp_dtype: torch.dtype | None) -> None:
+                 batch_size: int, amp_dtype: torch.dtype | None,
+                 recall_ks: tuple[int, ...] = RECALL_KS) -> None:
         self.model, self.distance, self.knn_k, self.seed = model, distance, knn_k, seed
-        self.batch_size, self.amp_dtype = batch_size, amp_dtype
+        self.batch_size, self.amp_dtype, self.recall_ks = batch_size, amp_dtype, recall_ks
 
     def __call__(self, split: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """(N, D) embeddings of a split's images, and every metric on them."""
-        emb = embed_split(self.model, split, self.batch_size, self.amp_dtype)
+        return self.grade(embed_split(self.model, split, self.batch_size, self.amp_dtype),
+                          split)
+
+    def grade(self, emb: torch.Tensor, split: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Every metric of (N, D) embeddings of ``split``: leave-one-out, or its queries
+        against its gallery (``split.query_count``)."""
         return emb, evaluate_embeddings(emb, split.labels, self.distance, self.knn_k,
-                                        self.seed, getattr(split, "query_count", None))
+                                        self.seed, getattr(split, "query_count", None),
+                                        self.recall_ks)
 
     def baselines(self, split: Any) -> dict[str, dict[str, float]]:
         """The metrics of the untrained model and of raw pixels on ``split``."""
-        raw = raw_pixels(split, self.batch_size)
-        return {"untrained": self(split)[1],
-                "raw_pixels": evaluate_embeddings(raw, split.labels, self.distance,
-                                                  self.knn_k, self.seed)}
+        raw = raw_pixels(split, self.batch_size).to(split.labels.device)
+        return {"untrained": self(split)[1], "raw_pixels": self.grade(raw, split)[1]}
 
 
 class Validation:
@@ -666,7 +674,7 @@ def _fit(ctx: Context, semi: SemiSupervision | None, training: TrainingState,
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """Metrics as an aligned text table, one row per model."""
-    cols = [c for c in METRIC_NAMES if any(c in r for r in rows.values())]
+    cols = display_order({c for r in rows.values() for c in r})
     head = f"{'':<12}" + "".join(f"{c:>15}" for c in cols)
     lines = [head] + [f"{name:<12}" + "".join(f"{r.get(c, float('nan')):>15.4f}" for c in cols)
                       for name, r in rows.items()]

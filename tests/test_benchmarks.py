@@ -185,6 +185,10 @@ def test_a_cub_replica_run_leaves_the_usual_folder_with_colour_plots(replicas, t
 def test_an_inshop_replica_run_grades_query_against_gallery(replicas, tmp_path):
     root, counts = replicas
     summary = _small_run(root, tmp_path / "run", "inshop", [])
+    ks = {f"recall_at_{k}" for k in (1, 10, 20, 30, 40)}  # In-Shop's Recall@K
+    assert ks <= set(summary["test"]) and ks <= set(summary["baselines"]["raw_pixels"])
+    assert "recall_at_2" not in summary["test"]
+    assert "<th>R@40</th>" in (tmp_path / "run" / "report.html").read_text()
     res = run_cli([str(tmp_path / "run"), f"paths.data_dir={root}", "--output",
                    str(tmp_path / "eval.json")], cwd=tmp_path,
                   exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])
