@@ -34,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results.md"
 BEGIN, END = "<!-- ablate_default: begin -->", "<!-- ablate_default: end -->"
+FINAL_BEGIN = "<!-- ablate_default final: begin -->"
+FINAL_END = "<!-- ablate_default final: end -->"
 
 # The previous default (before the recipe below became it): contrastive loss on batch-hard
 # pairs, 4 epochs, cosine stepped once per epoch. experiment=contrastive spells it out.
@@ -72,6 +74,12 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "triplet_hard_8_cos_steps_affine": ([*T8C, "augment=affine"],
                                         "triplet_hard_8_cos_steps with random affine "
                                         "augmentation"),
+    "triplet_hard_8_cos_steps_affine_lr1e-3": ([*T8C, "augment=affine", "optimizer.lr=1e-3"],
+                                               "triplet_hard_8_cos_steps_affine at lr 1e-3"),
+    "contrastive_8_cos_steps_affine": ([*PREVIOUS, "trainer.max_epochs=8",
+                                        "scheduler=cosine_steps", "augment=affine"],
+                                       "contrastive_8_cos_steps with random affine "
+                                       "augmentation"),
     "default": ([], "the shipped `dmlrun`"),
 }
 CHOSEN_SEEDS = [0, 1, 2]
@@ -109,15 +117,18 @@ def run_arm(name: str, seed: int, out: Path, extra: list[str] | None = None,
             "val_p_at_1": best["val_precision_at_1"], "val_map_at_r": best["val_map_at_r"],
             "p_at_1": summary["test"]["precision_at_1"], "map_at_r": summary["test"]["map_at_r"],
             "wall_seconds": wall, "threads": threads,
+            "collapsed": any(w in (folder / "dmlrun.log").read_text()
+                             for w in ("collapsed", "stuck at the margin")),
             "what": ARMS[name][1] + (f" ({' '.join(extra)})" if extra else "")}
 
 
 def table(rows: list[dict]) -> str:
     head = ("| arm | seed | epochs | steps | best val P@1 | val MAP@R | test P@1 | "
-            "test MAP@R | what it is |\n" + "|---" * 9 + "|")
+            "test MAP@R | collapse warning | what it is |\n" + "|---" * 10 + "|")
     body = [f"| {r['arm']} | {r['seed']} | {r['epochs']} | {r['steps']} | "
             f"{r['val_p_at_1']:.4f} | {r['val_map_at_r']:.4f} | {r['p_at_1']:.4f} | "
-            f"{r['map_at_r']:.4f} | {r['what']} |" for r in rows]
+            f"{r['map_at_r']:.4f} | {'yes' if r['collapsed'] else 'no'} | {r['what']} |"
+            for r in rows]
     return "\n".join([head, *body])
 
 
@@ -170,13 +181,13 @@ def final(out: Path, rounds: int) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
+def write_docs(section: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the text between the markers in docs/results.md with ``section``."""
     text = RESULTS.read_text()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{RESULTS} has no {BEGIN} ... {END} block")
-    RESULTS.write_text(pattern.sub(lambda _: f"{BEGIN}\n{section}\n{END}", text))
+        raise SystemExit(f"{RESULTS} has no {begin} ... {end} block")
+    RESULTS.write_text(pattern.sub(lambda _: f"{begin}\n{section}\n{end}", text))
 
 
 def main() -> None:
@@ -207,6 +218,8 @@ def main() -> None:
         text = final(args.out, args.rounds)
         (args.out / "final.md").write_text(text + "\n")
         print(text)
+        if args.write_docs:
+            write_docs(text, FINAL_BEGIN, FINAL_END)
         return
     rows = []
     for arm in args.arms:

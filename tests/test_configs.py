@@ -138,8 +138,26 @@ def test_triplet_with_hard_miner_gets_its_specialisation():
     # its learning rate is Adam's only
     cfg = compose_cfg(["loss=triplet", "miner=hard", "optimizer=sgd"])
     assert cfg.miner.pool_k == 2 and cfg.optimizer.lr == 0.01
-    for overrides in ([], ["loss=triplet", "miner=semihard"], ["miner=easy_hard"]):
+    for overrides in (["experiment=contrastive"], ["loss=triplet", "miner=semihard"],
+                      ["miner=easy_hard"]):
         cfg = compose_cfg(overrides)
         assert cfg.miner.get("pool_k") is None and cfg.optimizer.lr == 1e-3
     cfg = compose_cfg(["loss=triplet", "miner=hard", "miner.pool_k=null", "optimizer.lr=1e-4"])
     assert cfg.miner.pool_k is None and cfg.optimizer.lr == 1e-4
+
+
+def test_the_default_recipe_and_the_previous_one_an_override_away():
+    """`dmlrun` alone: experiment=default (hard triplets, 8 epochs, per-step cosine);
+    experiment=contrastive: the previous default (contrastive on batch-hard pairs, 4 epochs,
+    the cosine stepped per epoch); any other experiment replaces the default whole."""
+    cfg = compose_cfg([])
+    assert cfg.loss._target_.endswith("TripletLoss") and cfg.miner.pool_k == 2
+    assert cfg.trainer.max_epochs == 8 and cfg.scheduler.anneal == "cosine"
+    assert "_target_" not in cfg.scheduler and cfg.optimizer.lr == 3e-3
+    old = compose_cfg(["experiment=contrastive"])
+    assert old.loss._target_.endswith("ContrastiveLoss") and old.miner.pool_k is None
+    assert old.trainer.max_epochs == 4 and old.scheduler.T_max == 4
+    assert old.optimizer.lr == 1e-3 and old.trainer.warmup_epochs == 0
+    semi = compose_cfg(["experiment=semi_propagation"])
+    assert semi.loss._target_.endswith("ContrastiveLoss") and "anneal" not in semi.scheduler
+
