@@ -162,6 +162,51 @@ def test_trunk_learning_rate_is_its_own_group():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_bninception_takes_rgb_in_0_1_and_its_published_weights(tmp_path, monkeypatch):
+    pytest.importorskip("pretrainedmodels")
+    from dmlrun.models.backbone import BNInceptionEmbedder
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match=r"put bn_inception-52deb4733.pth .* into .*checkpoints"):
+        BNInceptionEmbedder(embedding_dim=8)
+    from pretrainedmodels.models.bninception import BNInception
+
+    torch.manual_seed(0)
+    source = BNInception(num_classes=1000)
+    # the published file keeps BatchNorm weights as (1, C)
+    state = {k: v[None] if k.endswith("bn.weight") else v for k, v in
+             source.state_dict().items()}
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "bn_inception-52deb4733.pth")
+    model = BNInceptionEmbedder(embedding_dim=8).eval()
+    assert torch.equal(model.trunk.conv1_7x7_s2.weight, source.conv1_7x7_s2.weight)
+    x = torch.rand(2, 3, 96, 96)
+    # inside: BGR in 0-255 minus (104, 117, 128), as the weights expect
+    bgr = x.flip(1) * 255 - torch.tensor([104.0, 117.0, 128.0]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = model.embedding(model.trunk(bgr))
+        assert torch.allclose(model(x), torch.nn.functional.normalize(want), atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["mlrc_cub200", "mlrc_cars196", "mlrc_sop", "roth_cub200",
+                                    "roth_cars196", "roth_sop"])
+def test_benchmark_presets_compose_as_their_papers_describe(preset):
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg([f"experiment={preset}"])
+    assert cfg.dataset.name == preset.split("_")[1] and cfg.model.freeze_bn
+    assert cfg.model.embedding_dim == 128 and cfg.model.l2_normalize
+    if preset.startswith("mlrc"):
+        assert cfg.model._target_.endswith("BNInceptionEmbedder")
+        assert cfg.optimizer._target_ == "torch.optim.RMSprop" and cfg.optimizer.lr == 1e-6
+        assert (cfg.sampler.p, cfg.sampler.k, cfg.sampler.batches_per_epoch) == (8, 4, 100)
+        assert cfg.transform.crop_size == 227 and cfg.trainer.monitor == "map_at_r"
+    else:
+        assert cfg.model.arch == "resnet50" and cfg.optimizer.lr == 1e-5
+        assert (cfg.sampler.p, cfg.sampler.k) == (56, 2) and cfg.trainer.max_epochs == 150
+
+
 def _small_run(root: Path, out: Path, dataset: str, extra: list[str]) -> dict:
     res = run_cli([f"dataset={dataset}", "model=resnet18", "model.weights=null",
                    "transform.crop_size=32", "sampler.p=8", "sampler.k=4",
@@ -172,14 +217,37 @@ def _small_run(root: Path, out: Path, dataset: str, extra: list[str]) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_a_cub_replica_run_leaves_the_usual_folder_with_colour_plots(replicas, tmp_path):
+@pytest.fixture(scope="module")
+def cub_folds(replicas, tmp_path_factory):
+    """Two short CUB-replica runs, validating on folds 0 and 1."""
     root, _ = replicas
-    summary = _small_run(root, tmp_path / "run", "cub200", [])
+    out = tmp_path_factory.mktemp("cub")
+    return [(out / f"fold{k}", _small_run(root, out / f"fold{k}", "cub200",
+                                          [f"dataset.fold={k}"])) for k in (0, 1)]
+
+
+def test_a_cub_replica_run_leaves_the_usual_folder_with_colour_plots(cub_folds):
+    run_dir, summary = cub_folds[0]
     assert {f"recall_at_{k}" for k in (1, 2, 4, 8)} <= set(summary["test"])
-    assert (tmp_path / "run" / "report.html").stat().st_size > 0
-    gallery = np.asarray(Image.open(tmp_path / "run" / "plots" / "gallery.png").convert("RGB"))
+    assert (run_dir / "report.html").stat().st_size > 0
+    gallery = np.asarray(Image.open(run_dir / "plots" / "gallery.png").convert("RGB"))
     spread = gallery.astype(int).max(2) - gallery.astype(int).min(2)
     assert (spread > 60).mean() > 0.01  # coloured pixels, not grey
+
+
+def test_fold_models_are_graded_alone_and_concatenated(cub_folds, replicas, tmp_path,
+                                                        monkeypatch):
+    from dmlrun.folds import grade_folds
+
+    root, _ = replicas
+    monkeypatch.setenv("DMLRUN_DATA_DIR", str(root))
+    result = grade_folds([str(run) for run, _ in cub_folds], device="cpu")
+    for run, summary in cub_folds:
+        assert result["folds"][str(run)] == summary["test"]  # each as its run graded it
+    assert result["concatenated_dim"] == 256
+    p1 = [s["test"]["precision_at_1"] for _, s in cub_folds]
+    assert result["fold_mean"]["precision_at_1"]["mean"] == pytest.approx(sum(p1) / 2)
+    assert 0 <= result["concatenated"]["map_at_r"] <= 1
 
 
 def test_an_inshop_replica_run_grades_query_against_gallery(replicas, tmp_path):

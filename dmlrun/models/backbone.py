@@ -46,11 +46,7 @@ def imagenet_weights(arch: str, weights: str | None, download: bool = False
         return None
     path = Path(str(weights)).expanduser()
     if path.suffix in (".pth", ".pt") or path.exists():
-        if not path.is_file():
-            raise UserError(f"model.weights={weights}: no such file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) \
-            else state
+        return _user_file(str(weights))
     try:
         enum = torchvision.models.get_model_weights(arch)
         chosen = enum.DEFAULT if weights == "DEFAULT" else enum[str(weights)]
@@ -58,17 +54,44 @@ def imagenet_weights(arch: str, weights: str | None, download: bool = False
         names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
         raise ConfigError(f"model.weights={weights}: {arch} offers {names}, DEFAULT, null "
                           "(random initialisation) or a path to a .pth file") from exc
+    return hub_file(chosen.url, f"{arch} ({chosen.name})", download)
+
+
+def hub_file(url: str, what: str, download: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict published at ``url``, read from ``torch.hub.get_dir()/checkpoints``
+    under the URL's file name (where torch.hub puts downloads); fetched only with
+    ``download``, else a missing file is a ``UserError`` naming it and the folder."""
     folder = Path(torch.hub.get_dir()) / "checkpoints"
-    file = folder / os.path.basename(chosen.url)
+    file = folder / os.path.basename(url)
     if not file.is_file():
         if not download:
             raise UserError(
-                f"the ImageNet weights of {arch} ({chosen.name}) are not on this machine: put "
-                f"{file.name} (published at {chosen.url}) into {folder} (the folder follows "
-                "TORCH_HOME), or add model.download=true to fetch it, or model.weights=null "
-                "to start from random weights")
-        torch.hub.load_state_dict_from_url(chosen.url, progress=True)
+                f"the ImageNet weights of {what} are not on this machine: put {file.name} "
+                f"(published at {url}) into {folder} (the folder follows TORCH_HOME), or add "
+                "model.download=true to fetch it, or model.weights=null to start from "
+                "random weights")
+        torch.hub.load_state_dict_from_url(url, progress=True)
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _user_file(weights: str) -> dict[str, torch.Tensor]:
+    path = Path(str(weights)).expanduser()
+    if not path.is_file():
+        raise UserError(f"model.weights={weights}: no such file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) \
+        else state
+
+
+def _load(trunk: nn.Module, state: dict[str, torch.Tensor] | None, weights: object,
+          arch: str) -> None:
+    if state is None:
+        return
+    try:
+        trunk.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise UserError(f"model.weights={weights} does not fit {arch}: {detail}") from exc
 
 
 def _classifier(net: nn.Module) -> tuple[str, int]:
@@ -84,7 +107,47 @@ def _classifier(net: nn.Module) -> tuple[str, int]:
                       f"(looked for {', '.join(CLASSIFIER_NAMES)})")
 
 
-class TorchvisionEmbedder(Embedder):
+class TrunkEmbedder(Embedder):
+    """A pretrained ``trunk`` giving pooled features, then ``nn.Linear`` to
+    ``embedding_dim``; with ``freeze_bn`` every BatchNorm stays in eval mode, with
+    ``trunk_lr`` the trunk has a learning rate of its own."""
+
+    def __init__(self, trunk: nn.Module, features: int, embedding_dim: int,
+                 l2_normalize: bool, freeze_bn: bool, trunk_lr: float | None,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(embedding_dim, l2_normalize, mean, std)
+        self.trunk, self.embedding = trunk, nn.Linear(features, embedding_dim)
+        self.freeze_bn, self.trunk_lr = freeze_bn, trunk_lr
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedding(torch.flatten(self.trunk(x), 1))
+
+    def train(self, mode: bool = True) -> TrunkEmbedder:
+        """With ``freeze_bn``, every BatchNorm stays in eval mode (its running statistics
+        are kept as they are) while the rest trains."""
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def parameter_groups(self) -> list[dict]:
+        """The trunk at ``trunk_lr`` (when set) and the embedding layer at the optimizer's
+        rate."""
+        if self.trunk_lr is None:
+            return [{"params": list(self.parameters())}]
+        return [{"params": list(self.trunk.parameters()), "lr": float(self.trunk_lr)},
+                {"params": list(self.embedding.parameters())}]
+
+
+def _rgb(in_channels: int, arch: str) -> None:
+    if in_channels != 3:
+        raise ConfigError(f"model={arch} takes RGB images; the dataset gives {in_channels} "
+                          "channels (use an RGB dataset, or dataset.channels=3)")
+
+
+class TorchvisionEmbedder(TrunkEmbedder):
     """(B, 3, H, W) float in [0, 1] -> (B, embedding_dim): a torchvision network ``arch``
     without its classifier (pooled features), then ``nn.Linear`` to ``embedding_dim``.
     Networks with an ``avgpool`` stage take ``pooling`` (avg or avg+max) there."""
@@ -104,44 +167,67 @@ class TorchvisionEmbedder(Embedder):
         in_channels: int = 3,
         **_: object,
     ) -> None:
-        super().__init__(embedding_dim, l2_normalize, mean, std)
-        if in_channels != 3:
-            raise ConfigError(f"model={arch} takes RGB images; the dataset gives {in_channels} "
-                              "channels (use an RGB dataset, or dataset.channels=3)")
+        _rgb(in_channels, arch)
         if arch not in torchvision.models.list_models(torchvision.models):
             raise ConfigError(f"model.arch={arch} is not a torchvision classification model")
         trunk = torchvision.models.get_model(arch, weights=None)
-        state = imagenet_weights(arch, weights, download)
-        if state is not None:
-            try:
-                trunk.load_state_dict(state)
-            except RuntimeError as exc:
-                raise UserError(f"model.weights={weights} does not fit {arch}: "
-                                f"{str(exc).splitlines()[0]}") from exc
+        _load(trunk, imagenet_weights(arch, weights, download), weights, arch)
         name, features = _classifier(trunk)
         setattr(trunk, name, nn.Identity())
         if hasattr(trunk, "avgpool"):
             trunk.avgpool = GlobalPool(pooling)
-        self.trunk, self.embedding = trunk, nn.Linear(features, embedding_dim)
-        self.freeze_bn, self.trunk_lr = freeze_bn, trunk_lr
+        super().__init__(trunk, features, embedding_dim, l2_normalize, freeze_bn, trunk_lr,
+                         mean, std)
+
+
+BN_INCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
+# BN-Inception's own input: BGR in 0-255 minus (104, 117, 128) per channel; as [0, 1] RGB
+# statistics (the model flips the channels): mean (128, 117, 104) / 255, std 1 / 255
+BN_INCEPTION_MEAN = (128 / 255, 117 / 255, 104 / 255)
+BN_INCEPTION_STD = (1 / 255, 1 / 255, 1 / 255)
+
+
+class BNInceptionEmbedder(TrunkEmbedder):
+    """BN-Inception (Ioffe & Szegedy 2015) from the ``pretrainedmodels`` package, the
+    trunk of the Metric Learning Reality Check: ImageNet weights ``imagenet`` (its file
+    ``bn_inception-52deb4733.pth`` in torch's hub folder), null or a path; 1024 pooled
+    features, then ``nn.Linear`` to ``embedding_dim``. Takes [0, 1] RGB like every model
+    here; the BGR 0-255 input the weights expect is made inside."""
+
+    def __init__(
+        self,
+        weights: str | None = "imagenet",
+        embedding_dim: int = 128,
+        pooling: str = "avg",
+        l2_normalize: bool = True,
+        freeze_bn: bool = True,
+        trunk_lr: float | None = None,
+        download: bool = False,
+        mean: Sequence[float] = BN_INCEPTION_MEAN,
+        std: Sequence[float] = BN_INCEPTION_STD,
+        in_channels: int = 3,
+        **_: object,
+    ) -> None:
+        _rgb(in_channels, "bninception")
+        try:
+            from pretrainedmodels.models.bninception import BNInception
+        except ImportError as exc:
+            raise UserError("model=bninception needs the pretrainedmodels package: pip "
+                            "install 'dmlrun[bninception]'") from exc
+        trunk = BNInception(num_classes=1000)
+        state = None
+        if weights == "imagenet":
+            state = hub_file(BN_INCEPTION_URL, "bninception (imagenet)", download)
+        elif weights is not None and str(weights).lower() not in ("null", "none"):
+            state = _user_file(str(weights))
+        if state is not None:  # the published file stores 1-D BatchNorm weights as (1, C)
+            state = {k: v.squeeze(0) if v.ndim == 2 and v.shape[0] == 1 and "linear" not in
+                     k else v for k, v in state.items()}
+        _load(trunk, state, weights, "bninception")
+        trunk.global_pool = GlobalPool(pooling)
+        trunk.last_linear = nn.Identity()
+        super().__init__(trunk, 1024, embedding_dim, l2_normalize, freeze_bn, trunk_lr,
+                         mean, std)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embedding(torch.flatten(self.trunk(x), 1))
-
-    def train(self, mode: bool = True) -> TorchvisionEmbedder:
-        """With ``freeze_bn``, every BatchNorm stays in eval mode (its running statistics
-        are kept as they are) while the rest trains."""
-        super().train(mode)
-        if self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
-    def parameter_groups(self) -> list[dict]:
-        """The trunk at ``trunk_lr`` (when set) and the embedding layer at the optimizer's
-        rate."""
-        if self.trunk_lr is None:
-            return [{"params": list(self.parameters())}]
-        return [{"params": list(self.trunk.parameters()), "lr": float(self.trunk_lr)},
-                {"params": list(self.embedding.parameters())}]
+        return super().embed(x.flip(1))  # RGB -> BGR
