@@ -75,10 +75,10 @@ def make_cub(root: Path, painter: Painter, classes: int, per_class: int) -> dict
             labels.append(c + 1)
             split.append(j % 2)
     ids = range(1, len(images) + 1)
-    (base / "images.txt").write_text("".join(f"{i} {p}\n" for i, p in zip(ids, images)))
-    (base / "image_class_labels.txt").write_text(
-        "".join(f"{i} {c}\n" for i, c in zip(ids, labels)))
-    (base / "train_test_split.txt").write_text("".join(f"{i} {s}\n" for i, s in zip(ids, split)))
+    for file, column in (("images.txt", images), ("image_class_labels.txt", labels),
+                         ("train_test_split.txt", split)):
+        (base / file).write_text("".join(f"{i} {v}\n" for i, v in zip(ids, column,
+                                                                       strict=True)))
     (base / "classes.txt").write_text("\n".join(names) + "\n")
     half = classes // 2
     return {"train": (half * per_class, half), "test": ((classes - half) * per_class,
@@ -100,10 +100,9 @@ def make_cars(root: Path, painter: Painter, classes: int, per_class: int) -> dic
             records.append((rel, 1, 1, 60, 60, c + 1, j % 2))
     annos = np.empty((1, len(records)), dtype=[(f, "O") for f in fields])
     for i, rec in enumerate(records):
-        for f, v in zip(fields, rec):
-            annos[0, i][f] = np.array([v]) if isinstance(v, str) else np.array([[v]], np.uint8 if
-                                                                                f == "test" else
-                                                                                np.int32)
+        for f, v in zip(fields, rec, strict=True):
+            kind = np.uint8 if f == "test" else np.int32
+            annos[0, i][f] = np.array([v]) if isinstance(v, str) else np.array([[v]], kind)
     savemat(str(base / "cars_annos.mat"), {"annotations": annos,
                                            "class_names": np.array([f"Replica {c + 1}" for c in
                                                                     range(classes)], dtype="O")})
