@@ -89,6 +89,16 @@ def test_a_missing_dataset_is_one_message_and_exit_2(tmp_path):
     assert "CUB_200_2011/images.txt is missing" in res.stderr
 
 
+def test_missing_weights_offline_are_one_message_and_exit_2(replicas, tmp_path):
+    root, _ = replicas
+    res = run_cli(["dataset=cub200", "model=resnet18", f"paths.data_dir={root}",
+                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                  env_extra={"TORCH_HOME": str(tmp_path / "torch")}, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "resnet18-f37072fd.pth" in res.stderr and str(tmp_path / "torch") in res.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
 def test_query_gallery_metrics_equal_pytorch_metric_learning():
     pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
     g = torch.Generator().manual_seed(0)

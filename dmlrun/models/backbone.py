@@ -64,8 +64,8 @@ def hub_file(url: str, what: str, download: bool = False) -> dict[str, torch.Ten
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     file = folder / os.path.basename(url)
     if not file.is_file():
-        if not download:
-            raise UserError(
+        if not download:  # found before any data loads, so the run leaves no folder
+            raise ConfigError(
                 f"the ImageNet weights of {what} are not on this machine: put {file.name} "
                 f"(published at {url}) into {folder} (the folder follows TORCH_HOME), or add "
                 "model.download=true to fetch it, or model.weights=null to start from "
