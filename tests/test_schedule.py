@@ -11,6 +11,7 @@ from dmlrun.data.samplers import PKSampler
 from dmlrun.losses import TripletLoss
 from dmlrun.miners import HardMiner
 from dmlrun.models import MLP
+from dmlrun.recorder import TrainingState
 from dmlrun.run import run
 from dmlrun.train import StepConfig, WeightAverage, lr_factor, train_epoch
 from tests.conftest import TINY, compose_cfg
@@ -117,3 +118,31 @@ def test_a_run_with_averaged_weights_checkpoints_the_average(tmp_path, data_dir)
     assert any(not torch.equal(a, w) for a, w in zip(last["ema"]["average"], weights,
                                                      strict=True))
     assert summary["test"]["precision_at_1"] > 0.2
+
+
+def test_a_checkpoint_with_averaged_weights_resumes_the_trained_ones():
+    def state(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return TrainingState(model, torch.nn.Identity(), opt, None, torch.Generator(), None,
+                             WeightAverage(model, decay=0.9))
+
+    saved = state(0)
+    for _ in range(5):  # a few steps, so the average and the weights differ
+        with torch.no_grad():
+            for p in saved.model.parameters():
+                p.add_(1.0)
+        saved.ema.update()
+    trained = [p.detach().clone() for p in saved.model.parameters()]
+    average = [a.clone() for a in saved.ema.average]
+    saved.ema.swap()  # as fit does before validation and checkpointing
+    checkpoint = saved.state_dict()
+    assert all(torch.equal(p, a) for p, a in zip(saved.model.parameters(), average,
+                                                   strict=True))
+    resumed = state(1)
+    resumed.load_state_dict(checkpoint)
+    assert all(torch.equal(p, t) for p, t in zip(resumed.model.parameters(), trained,
+                                                   strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.ema.average, average, strict=True))
+    assert resumed.ema.updates == 5
