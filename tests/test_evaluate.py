@@ -357,3 +357,35 @@ def test_per_query_results_average_to_the_retrieval_metrics(seed):
     # the nearest other item: the smallest distance, the smallest index among ties
     assert torch.equal(pq.nearest, torch.stack([torch.nonzero(row == row.min())[0, 0]
                                                 for row in d]))
+
+
+@pytest.mark.parametrize("distance", [EuclideanDistance(), SquaredEuclideanDistance(),
+                                      CosineDistance(), DotProductDistance()])
+def test_the_symmetric_search_for_small_classes_equals_the_row_search(distance, monkeypatch):
+    """Classes of a few items (R <= SMALL_K) take the symmetric block search; on many
+    blocks, with exact ties (integer points) and negative distances (dot), it finds the
+    same neighbours in the same order as the row-by-row search."""
+    from dmlrun import metrics
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(700) % 175  # classes of 4, as in Stanford Online Products
+    emb = torch.randint(-2, 3, (700, 3), generator=g).float()
+    monkeypatch.setattr(metrics, "SYMMETRIC_BLOCK", 96)
+    fast = retrieval_metrics(emb, labels, distance=distance)
+    per_fast = metrics.per_query(emb, labels, distance)
+    monkeypatch.setattr(metrics, "SMALL_K", 0)
+    slow = retrieval_metrics(emb, labels, distance=distance)
+    per_slow = metrics.per_query(emb, labels, distance)
+    assert fast == slow
+    assert torch.equal(per_fast.nearest, per_slow.nearest)
+    monkeypatch.setattr(metrics, "SMALL_K", 32)  # an index searched with all its items
+    nn, _ = metrics.nearest_neighbours(emb, emb, 1, distance, exclude=torch.arange(700))
+    assert torch.equal(nn[:, 0], per_fast.nearest)
+    assert torch.equal(per_fast.hit1, per_slow.hit1)
+    if isinstance(distance, EuclideanDistance):  # and against brute force, without ties
+        emb = torch.randn(700, 3, generator=g) + (labels % 7)[:, None] * 0.5
+        monkeypatch.setattr(metrics, "SMALL_K", 32)
+        got = retrieval_metrics(emb, labels, distance=distance)
+        want = brute_force(emb, labels, emb, labels, loo=True)
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, abs=1e-9), k
