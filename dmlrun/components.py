@@ -60,6 +60,7 @@ RUN_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
     "trainer.ema_decay": (float, type(None)),
     "trainer.early_stopping_patience": (int, type(None)), "trainer.channels_last": bool,
     "trainer.epoch_plots": bool, "evaluation.knn_k": int, "evaluation.baselines": bool,
+    "evaluation.clustering": bool,
     "dataset.labeled_per_class": (int, type(None)),
 }
 TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}

@@ -106,7 +106,8 @@ def evaluate_checkpoint(
     metrics = evaluate_embeddings(emb, part.labels.to(emb.device), model.distance,
                                   int(evaluation.get("knn_k", 5)), int(config.get("seed", 0)),
                                   getattr(part, "query_count", None),
-                                  tuple(data_config.get("recall_ks") or RECALL_KS))
+                                  tuple(data_config.get("recall_ks") or RECALL_KS),
+                                  bool(evaluation.get("clustering", True)))
     result = {"checkpoint": str(ckpt), "epoch": state.get("epoch"), "dataset": data.name,
               "split": split, "n": len(part), "metrics": metrics}
     if plots_dir is not None and plots_dir is not False:

@@ -57,7 +57,8 @@ def _grade(emb, run, split) -> dict[str, float]:
                                int(evaluation.get("knn_k", 5)),
                                int(run.config.get("seed", 0)),
                                getattr(split, "query_count", None),
-                               tuple(dataset.get("recall_ks") or RECALL_KS))
+                               tuple(dataset.get("recall_ks") or RECALL_KS),
+                               bool(evaluation.get("clustering", True)))
 
 
 def _sd(values: list[float]) -> float:

@@ -530,14 +530,15 @@ def display_order(names: set[str] | list[str]) -> list[str]:
 def evaluate_embeddings(
     embeddings: torch.Tensor, labels: torch.Tensor, distance: Distance | None = None,
     knn_k: int = 5, seed: int = 0, query_count: int | None = None,
-    recall_ks: tuple[int, ...] = RECALL_KS,
+    recall_ks: tuple[int, ...] = RECALL_KS, clustering: bool = True,
 ) -> dict[str, float]:
     """Every metric of ``metric_names(recall_ks)`` for (N, D) embeddings: leave-one-out,
     or with ``query_count`` the first ``query_count`` rows as queries against the rest (a
-    gallery); clustering on all rows. Non-finite embeddings (a diverged model) give NaN for
-    every metric."""
+    gallery); clustering (NMI, AMI; without ``clustering``, none) on all rows. Non-finite
+    embeddings (a diverged model) give NaN for every metric."""
     if not torch.isfinite(embeddings).all():
-        return dict.fromkeys(metric_names(recall_ks), float("nan"))
+        names = metric_names(recall_ks)
+        return dict.fromkeys(names if clustering else names[:-2], float("nan"))
     if query_count is None:
         out = retrieval_metrics(embeddings, labels, distance=distance, knn_k=knn_k,
                                 recall_ks=recall_ks)
@@ -545,7 +546,8 @@ def evaluate_embeddings(
         q = int(query_count)
         out = retrieval_metrics(embeddings[:q], labels[:q], embeddings[q:], labels[q:],
                                 distance=distance, knn_k=knn_k, recall_ks=recall_ks)
-    out.update(clustering_metrics(embeddings, labels, distance, seed))
+    if clustering:
+        out.update(clustering_metrics(embeddings, labels, distance, seed))
     return out
 
 

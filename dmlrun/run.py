@@ -346,7 +346,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: t
                         OmegaConf.to_container(cfg, resolve=True))
     evaluator = Evaluator(parts.model, parts.loss.distance, int(cfg.evaluation.knn_k),
                           int(cfg.seed), int(cfg.trainer.eval_batch_size), ctx.amp_dtype,
-                          tuple(cfg.dataset.get("recall_ks") or RECALL_KS))
+                          tuple(cfg.dataset.get("recall_ks") or RECALL_KS),
+                          bool(cfg.evaluation.clustering))
     baselines = (evaluator.baselines(ctx.data.test)
                  if cfg.evaluation.baselines and ranks.main else {})
     start, done = 1, []
@@ -487,9 +488,10 @@ class Evaluator:
 
     def __init__(self, model: torch.nn.Module, distance: Any, knn_k: int, seed: int,
                  batch_size: int, amp_dtype: torch.dtype | None,
-                 recall_ks: tuple[int, ...] = RECALL_KS) -> None:
+                 recall_ks: tuple[int, ...] = RECALL_KS, clustering: bool = True) -> None:
         self.model, self.distance, self.knn_k, self.seed = model, distance, knn_k, seed
         self.batch_size, self.amp_dtype, self.recall_ks = batch_size, amp_dtype, recall_ks
+        self.clustering = clustering
 
     def __call__(self, split: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """(N, D) embeddings of a split's images, and every metric on them."""
@@ -501,7 +503,7 @@ class Evaluator:
         against its gallery (``split.query_count``)."""
         return emb, evaluate_embeddings(emb, split.labels, self.distance, self.knn_k,
                                         self.seed, getattr(split, "query_count", None),
-                                        self.recall_ks)
+                                        self.recall_ks, self.clustering)
 
     def baselines(self, split: Any) -> dict[str, dict[str, float]]:
         """The metrics of the untrained model and of raw pixels on ``split``."""

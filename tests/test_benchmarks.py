@@ -212,6 +212,7 @@ def test_benchmark_presets_compose_as_their_papers_describe(preset):
         assert cfg.optimizer._target_ == "torch.optim.RMSprop" and cfg.optimizer.lr == 1e-6
         assert (cfg.sampler.p, cfg.sampler.k, cfg.sampler.batches_per_epoch) == (8, 4, 100)
         assert cfg.transform.crop_size == 227 and cfg.trainer.monitor == "map_at_r"
+        assert not cfg.evaluation.clustering
     else:
         assert cfg.model.arch == "resnet50" and cfg.optimizer.lr == 1e-5
         assert (cfg.sampler.p, cfg.sampler.k) == (56, 2) and cfg.trainer.max_epochs == 150
@@ -262,7 +263,8 @@ def test_fold_models_are_graded_alone_and_concatenated(cub_folds, replicas, tmp_
 
 def test_an_inshop_replica_run_grades_query_against_gallery(replicas, tmp_path):
     root, counts = replicas
-    summary = _small_run(root, tmp_path / "run", "inshop", [])
+    summary = _small_run(root, tmp_path / "run", "inshop", ["evaluation.clustering=false"])
+    assert "nmi" not in summary["test"] and "nmi" not in summary["baselines"]["untrained"]
     ks = {f"recall_at_{k}" for k in (1, 10, 20, 30, 40)}  # In-Shop's Recall@K
     assert ks <= set(summary["test"]) and ks <= set(summary["baselines"]["raw_pixels"])
     assert "recall_at_2" not in summary["test"]
