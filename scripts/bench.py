@@ -192,7 +192,7 @@ def alternating(fns: dict, rounds: int, device) -> tuple[dict, dict]:
 EVAL_SETS = (  # name, n, dim, classes, centre spread, AccuracyCalculator k settings
     ("10k x 64, 10 classes", 10_000, 64, 10, 1.0, ("max_bin_count", None)),
     ("60k x 64, 10 classes", 60_000, 64, 10, 1.0, ()),  # pml: N x 6,000 neighbours, > 20 GiB
-    ("SOP-shaped: 60k x 512, 12,000 classes of 5", 60_000, 512, 12_000, 0.25,
+    ("SOP-shaped: 60k x 512, 12,000 classes of 5", 60_000, 512, 12_000, 0.5,
      ("max_bin_count",)),
 )
 
