@@ -81,15 +81,21 @@ def test_cosine_distance_ignores_scale():
     assert a != pytest.approx(retrieval_metrics(scaled, labels, distance=EuclideanDistance()))
 
 
-def test_matches_pml_accuracy_calculator():
+@pytest.mark.parametrize("n, classes", [(500, 10), (600, 150)])  # 150: the symmetric search
+def test_matches_pml_accuracy_calculator(n, classes):
     pytest.importorskip("faiss")
     pytest.importorskip("pytorch_metric_learning")
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    emb, labels = random_set(500, 8, 10, 4)
+    emb, labels = random_set(n, 8, classes, 4)
+    if classes > 10:  # 4 items a class: AccuracyCalculator leaves out items alone in a class
+        labels = torch.arange(n) % classes
+        emb = torch.randn(n, 8, generator=torch.Generator().manual_seed(4)) + \
+            (labels % 9)[:, None] * 0.3
     emb = emb.float()
     include = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
-    calc = AccuracyCalculator(include=include, device=torch.device("cpu"))
+    # k="max_bin_count": what pytorch-metric-learning documents for R-precision and MAP@R
+    calc = AccuracyCalculator(include=include, device=torch.device("cpu"), k="max_bin_count")
     ref = calc.get_accuracy(emb, labels, ref_includes_query=True)
     ours = retrieval_metrics(emb, labels)
     assert ours["precision_at_1"] == pytest.approx(ref["precision_at_1"], abs=1e-4)
