@@ -130,10 +130,14 @@ def test_imagenet_transform_is_random_only_for_training(tmp_path):
         assert top >= 0 and top + ch <= h and left >= 0 and left + cw <= w
 
 
-def test_frozen_batchnorm_keeps_its_statistics_through_a_step():
+def test_frozen_batchnorm_keeps_its_statistics_through_a_step(tmp_path):
+    import torchvision
+
     torch.manual_seed(0)
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
     for freeze in (True, False):
-        model = TorchvisionEmbedder("resnet18", weights=None, embedding_dim=8,
+        model = TorchvisionEmbedder("resnet18", weights=str(weights), embedding_dim=8,
                                     freeze_bn=freeze).train()
         bn = model.trunk.bn1
         before = bn.running_mean.clone()
@@ -142,6 +146,8 @@ def test_frozen_batchnorm_keeps_its_statistics_through_a_step():
         opt.step()
         assert torch.equal(bn.running_mean, before) == freeze
         assert bn.training == (not freeze) and model.embedding.training
+    scratch = TorchvisionEmbedder("resnet18", weights=None, embedding_dim=8, freeze_bn=True)
+    assert not scratch.freeze_bn  # random weights: BatchNorm learns its statistics
 
 
 def test_pretrained_weights_load_from_torch_home_and_from_a_file(tmp_path, monkeypatch):

@@ -109,8 +109,9 @@ def _classifier(net: nn.Module) -> tuple[str, int]:
 
 class TrunkEmbedder(Embedder):
     """A pretrained ``trunk`` giving pooled features, then ``nn.Linear`` to
-    ``embedding_dim``; with ``freeze_bn`` every BatchNorm stays in eval mode, with
-    ``trunk_lr`` the trunk has a learning rate of its own."""
+    ``embedding_dim``; with ``freeze_bn`` every BatchNorm stays in eval mode (subclasses
+    ask for it only when weights were loaded: random weights have no statistics worth
+    keeping), with ``trunk_lr`` the trunk has a learning rate of its own."""
 
     def __init__(self, trunk: nn.Module, features: int, embedding_dim: int,
                  l2_normalize: bool, freeze_bn: bool, trunk_lr: float | None,
@@ -171,7 +172,9 @@ class TorchvisionEmbedder(TrunkEmbedder):
         if arch not in torchvision.models.list_models(torchvision.models):
             raise ConfigError(f"model.arch={arch} is not a torchvision classification model")
         trunk = torchvision.models.get_model(arch, weights=None)
-        _load(trunk, imagenet_weights(arch, weights, download), weights, arch)
+        state = imagenet_weights(arch, weights, download)
+        _load(trunk, state, weights, arch)
+        freeze_bn = freeze_bn and state is not None  # random weights: no statistics to keep
         name, features = _classifier(trunk)
         setattr(trunk, name, nn.Identity())
         if hasattr(trunk, "avgpool"):
@@ -224,6 +227,7 @@ class BNInceptionEmbedder(TrunkEmbedder):
             state = {k: v.squeeze(0) if v.ndim == 2 and v.shape[0] == 1 and "linear" not in
                      k else v for k, v in state.items()}
         _load(trunk, state, weights, "bninception")
+        freeze_bn = freeze_bn and state is not None  # random weights: no statistics to keep
         trunk.global_pool = GlobalPool(pooling)
         trunk.last_linear = nn.Identity()
         super().__init__(trunk, 1024, embedding_dim, l2_normalize, freeze_bn, trunk_lr,
