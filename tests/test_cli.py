@@ -150,7 +150,8 @@ def test_warnings_for_no_mining_and_collapse(tmp_path, data_dir, monkeypatch, ca
     monkeypatch.setattr(dmlrun.train, "NO_MINING_STEPS", 3)
     monkeypatch.setattr(dmlrun.run, "COLLAPSE_RATIO", 10.0)  # any run counts as collapsed
     cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.epoch_plots=false",
-                              "evaluation.baselines=false", "miner=pair_margin",
+                              "evaluation.baselines=false", "loss=contrastive",
+                              "miner=pair_margin",
                               "miner.pos_margin=1e9", "miner.neg_margin=0"])
     with caplog.at_level("WARNING"):
         run(cfg, tmp_path / "run")

@@ -78,7 +78,8 @@ def test_nonfinite_loss_stop_and_skip(tmp_path, data_dir):
         best = torch.load(tmp_path / "stop" / "checkpoints" / "best.pt", weights_only=False)
         assert all(torch.isfinite(v).all() for v in best["model"].values())
 
-    flaky = [f"paths.data_dir={data_dir}", "loss._target_=tests.test_reliability.FlakyLoss"]
+    flaky = [f"paths.data_dir={data_dir}", "loss=contrastive",
+             "loss._target_=tests.test_reliability.FlakyLoss"]
     FlakyLoss.calls = 0
     with pytest.raises(NonFiniteLoss, match="non-finite by step"):
         run(compose_cfg(QUICK + flaky), tmp_path / "flaky_stop")
