@@ -36,7 +36,8 @@ def options(group: str) -> list[str]:
 NEEDS = {"distance_weighted": ["distance.normalize=true"],
          # RGB backbones: an RGB dataset, and no pretrained file to read
          "resnet18": ["dataset=cub200", "model.weights=null"],
-         "resnet50": ["dataset=cub200", "model.weights=null"]}
+         "resnet50": ["dataset=cub200", "model.weights=null"],
+         "bninception": ["dataset=cub200", "model.weights=null"]}
 
 
 @pytest.mark.parametrize("group", ["model", "distance", "loss", "miner", "sampler", "optimizer",
@@ -75,16 +76,42 @@ def test_models_embed_raw_images():
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_presets_compose_and_fit(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
-    build_components(cfg)
+    loss = one_step(build_components(cfg), int(cfg.model.embedding_dim))
+    assert loss > 0, experiment
+
+
+def one_step(parts, dim: int = 16) -> float:
+    """One step of a built loss, miner and sampler on a random batch the sampler draws:
+    the loss is finite and its gradient reaches every embedding it used."""
+    import torch
+
+    classes = max(int(getattr(parts.sampler, "p", 10)), 10)
+    labels = torch.arange(classes * 30) % classes
+    epoch = parts.sampler.epoch(labels, torch.Generator().manual_seed(0))
+    batch = labels[epoch.indices[0]]
+    emb = torch.randn(len(batch), dim, generator=torch.Generator().manual_seed(1))
+    emb.requires_grad_(True)
+    indices = parts.miner(emb, batch).indices if parts.miner is not None else epoch.tuples
+    out = parts.loss.compute(emb, batch, indices)
+    assert torch.isfinite(out.loss) and int(out.tuples) >= 0
+    out.loss.backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all()
+    assert bool(emb.grad.abs().sum() > 0)  # the loss depends on the embeddings
+    return float(out.loss)
 
 
 def test_pair_and_triplet_combinations():
     for loss in ("contrastive", "triplet"):
         for miner in ("none", "hard", "semihard", "random"):
-            build_components(compose_cfg([f"loss={loss}", f"miner={miner}"]))
-    build_components(compose_cfg(["sampler=pairs", "miner=none", "loss=contrastive"]))
-    build_components(compose_cfg(["sampler=triplets", "miner=none", "loss=triplet"]))
-    build_components(compose_cfg(["sampler=triplets", "miner=none", "loss=contrastive"]))
+            parts = build_components(compose_cfg([f"loss={loss}", f"miner={miner}"]))
+            assert one_step(parts) > 0, (loss, miner)
+            if miner != "none":  # the miner's tuples are the kind the loss takes
+                assert parts.miner.yields in parts.loss.accepts
+    for sampler, loss in (("pairs", "contrastive"), ("triplets", "triplet"),
+                          ("triplets", "contrastive")):
+        parts = build_components(compose_cfg([f"sampler={sampler}", "miner=none",
+                                              f"loss={loss}"]))
+        assert parts.sampler.yields == sampler and one_step(parts) > 0, (sampler, loss)
 
 
 def test_triplet_loss_with_pairs_sampler_is_rejected():
