@@ -97,7 +97,7 @@ def one_step(parts, dim: int = 16) -> float:
     out.loss.backward()
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
     assert bool(emb.grad.abs().sum() > 0)  # the loss depends on the embeddings
-    return float(out.loss)
+    return float(out.loss.detach())
 
 
 def test_pair_and_triplet_combinations():
