@@ -1,8 +1,8 @@
 """Small replicas of the official layouts of CUB-200-2011, Cars196, Stanford Online
 Products and In-Shop (the same files, names and formats), with images a network can learn:
-class c shows digit c % 10 (drawn from MNIST's test images) in colour c // 10 of a palette,
-at a random size and place on a noisy background of random size. Training and test
-classes differ, as in the real benchmarks.
+class c shows digit c % 10 (drawn from MNIST's test images) in a colour of a palette
+(``Painter``), at a random size and place on a noisy background of random size. Training
+and test classes differ, as in the real benchmarks, but share digits and colours.
 
     DMLRUN_DATA_DIR=../shared/data python scripts/make_replicas.py <root> [--datasets cub200 ...]
 
@@ -31,7 +31,10 @@ def mnist_digits(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Painter:
-    """Draws images of class c: digit c % 10 in colour c // 10, a new MNIST sample each."""
+    """Draws images of class c: digit c % 10 in colour (c // 10 + c % 10) mod the number of
+    colours, a new MNIST sample each. The first and second halves of the classes (training
+    and test in every layout) both use every digit and nearly every colour, in pairs the
+    other half never shows: what transfers to the test classes is digit shape and hue."""
 
     def __init__(self, data_dir: str | Path, classes: int, seed: int = 0) -> None:
         self.images, labels = mnist_digits(data_dir)
@@ -53,7 +56,8 @@ class Painter:
         canvas = self.rng.integers(0, 60, (h, w, 3)).astype(np.float64)
         top, left = int(self.rng.integers(0, h - side + 1)), int(self.rng.integers(0, w - side + 1))
         patch = canvas[top : top + side, left : left + side]
-        patch[:] = patch * (1 - glyph[..., None]) + self.colours[c // 10] * glyph[..., None]
+        colour = self.colours[(c // 10 + d) % len(self.colours)]
+        patch[:] = patch * (1 - glyph[..., None]) + colour * glyph[..., None]
         return Image.fromarray(canvas.astype(np.uint8))
 
 
