@@ -148,12 +148,9 @@ def per_class_plot(per_class: dict[str, dict[str, float]], path: str | Path,
 
 
 def loss_margin(loss: Any) -> float | None:
-    """The loss's margin in distance units, if it has one (for the histograms)."""
-    params = getattr(loss, "distance_params", ())
-    for name in ("margin", "neg_margin"):
-        if name in params and "beta_init" not in params:
-            return float(getattr(loss, name))
-    return None
+    """The loss's margin in distance units, if it has one (for the histograms): its own
+    ``plot_margin()`` (losses from elsewhere have none)."""
+    return loss.plot_margin() if hasattr(loss, "plot_margin") else None
 
 
 def write_all(emb: torch.Tensor, split: Any, distance: Distance, margin: float | None,

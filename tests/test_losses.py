@@ -234,3 +234,15 @@ def test_triplet_epoch_warnings_name_collapse_and_inflation():
     inflated = {"active_fraction": 0.01, "train_loss": 0.0002, "neg_distance": 700.0,
                 "inverted_fraction": 1.0}
     assert "outgrown the margin" in loss.epoch_warnings(inflated, 0.03)[0]
+
+
+def test_each_loss_says_which_margin_the_distance_plot_draws():
+    from dmlrun.losses.margin import MarginLoss
+    from dmlrun.losses.multi_similarity import MultiSimilarityLoss
+    from dmlrun.retrieval_plots import loss_margin
+
+    assert loss_margin(TripletLoss(margin=0.3)) == pytest.approx(0.3)
+    assert loss_margin(ContrastiveLoss(margin=0.7)) == pytest.approx(0.7)
+    assert loss_margin(MarginLoss()) is None  # around a learned boundary, not one margin
+    assert loss_margin(MultiSimilarityLoss()) is None
+    assert loss_margin(torch.nn.MSELoss()) is None  # a loss from elsewhere

@@ -71,6 +71,14 @@ class MetricLoss(nn.Module):
         step. The run logs each one."""
         return []
 
+    def plot_margin(self) -> float | None:
+        """The distance different-class pairs are pushed beyond, for the distance histograms:
+        the ``margin`` (or ``neg_margin``) this loss declares, else None."""
+        for name in ("margin", "neg_margin"):
+            if name in self.distance_params:
+                return float(getattr(self, name))
+        return None
+
     def _check(self, embeddings, labels, indices) -> None:
         if embeddings.ndim != 2 or labels.ndim != 1 or len(embeddings) != len(labels):
             raise ValueError(

@@ -46,6 +46,10 @@ class MarginLoss(MetricLoss):
         else:
             self.register_buffer("beta", init)
 
+    def plot_margin(self) -> None:
+        """None: pairs are pushed around the learned boundary beta, not past one margin."""
+        return None
+
     def _compute(self, embeddings, labels, indices) -> LossOutput:
         a, p, n = all_triplets(labels) if indices is None else indices
         if len(a) == 0:
