@@ -35,7 +35,6 @@ from omegaconf import DictConfig
 
 import dmlrun.config  # noqa: F401  (registers resolvers before Hydra composes)
 from dmlrun import __version__
-from dmlrun.config import RUN_MARKERS
 from dmlrun.errors import EXIT_USER_ERROR, RANK_GRACE_S, ConfigError, UserError
 
 log = logging.getLogger("dmlrun")
@@ -226,11 +225,9 @@ def check_run_folder_args(argv: list[str]) -> None:
         return
     run_dir = values.get("hydra.run.dir")
     if run_dir:
-        taken = [m for m in RUN_MARKERS if (Path(_unquote(run_dir)) / m).exists()]
-        if taken:
-            raise UserError(f"run folder {run_dir} already holds a run ({', '.join(taken)}); "
-                            "refusing to overwrite it. Choose another folder with "
-                            "hydra.run.dir=<dir>.")
+        from dmlrun.recorder import check_new_run_dir
+
+        check_new_run_dir(Path(_unquote(run_dir)))
 
 
 def _unquote(value: str) -> str:
