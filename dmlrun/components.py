@@ -62,6 +62,9 @@ RUN_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
     "trainer.epoch_plots": bool, "evaluation.knn_k": int, "evaluation.baselines": bool,
     "evaluation.clustering": bool,
     "dataset.labeled_per_class": (int, type(None)),
+    # semi-supervised runs (absent with semi=none)
+    "semi.refresh_every": (int, type(None)), "semi.warmup_epochs": (int, type(None)),
+    "semi.graph": (str, type(None)), "semi.features": (str, type(None)),
 }
 TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 

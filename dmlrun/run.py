@@ -59,6 +59,7 @@ from dmlrun.recorder import Recorder, TrainingState, check_new_run_dir, check_re
 from dmlrun.report import write_run_report
 from dmlrun.semi import (
     FEATURE_LAYERS,
+    GRAPH_SPACES,
     MIN_GRAPH_DIM,
     SemiSupervision,
     feature_layer,
@@ -228,6 +229,12 @@ def _semi_checks(cfg: DictConfig) -> list[tuple[bool, str]]:
         (views is None or int(views.batch) >= 2, "semi.views.batch must be >= 2 (each "
                                                  "image needs another as its negative), "
                                                  f"got {views and views.batch}"),
+        (cfg.semi.get("graph", "auto") in GRAPH_SPACES,
+         f"semi.graph must be one of {', '.join(GRAPH_SPACES)}, got {cfg.semi.get('graph')!r}"),
+        (int(cfg.semi.get("refresh_every", 2)) >= 1,
+         f"semi.refresh_every must be >= 1, got {cfg.semi.get('refresh_every')}"),
+        (int(cfg.semi.get("warmup_epochs", 2)) >= 0,
+         f"semi.warmup_epochs must be >= 0, got {cfg.semi.get('warmup_epochs')}"),
     ]
 
 

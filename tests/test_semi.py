@@ -332,3 +332,18 @@ def test_confidence_weights_favour_sure_pseudo_labels():
         members = out.labels == c
         assert torch.corrcoef(torch.stack([w[members], drawn[members]]))[0, 1] > 0.3
     assert LabelPropagation()(emb, labeled, truth[labeled], 5).weight is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("semi.graph=umap", "semi.graph must be one of embedding, pixels, auto, got 'umap'"),
+    ("semi.refresh_every=0", "semi.refresh_every must be >= 1, got 0"),
+    ("semi.warmup_epochs=-1", "semi.warmup_epochs must be >= 0, got -1"),
+    ("semi.refresh_every=abc", "semi.refresh_every must be an integer or null"),
+])
+def test_bad_semi_settings_are_config_errors_before_any_data(override, message):
+    from dmlrun.errors import ConfigError
+    from dmlrun.run import check_config
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_config(compose_cfg(["experiment=semi_propagation", override]))
