@@ -259,7 +259,7 @@ def test_sweep_2x2x3_summary_matches_hand_computation(tmp_path, data_dir):
 @pytest.mark.parametrize("bad,match", [
     ("model.embedding_dim=0", "cannot build model=.*embedding_dim >= 1"),
     ("optimizer.lr=abc", "cannot build optimizer="),
-    ("loss.margin=-1", "cannot build loss=.*margin >= 0"),
+    ("loss.margin=-1", "cannot build loss=.*margin.*>= 0"),
     ("trainer.monitor=accuracy", "not a validation metric"),
 ])
 def test_bad_values_raise_config_error(tmp_path, data_dir, bad, match):

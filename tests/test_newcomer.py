@@ -205,7 +205,9 @@ def test_pytorch_metric_learning_losses_and_miners_train_as_they_are(tmp_path, d
     for rel, text in PML_CONFIGS.items():
         (tmp_path / "cfg" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "cfg" / rel).write_text(text)
-    base = ["--config-dir", str(tmp_path / "cfg"), *TINY, "trainer.epoch_plots=false"]
+    # the base settings (cosine per epoch, no warm-up), not the default recipe's
+    base = ["--config-dir", str(tmp_path / "cfg"), *TINY, "trainer.epoch_plots=false",
+            "experiment=contrastive"]
     res = run_cli([*base, "loss=pml_ms", "miner=pml_ms", f"hydra.run.dir={tmp_path / 'ms'}"],
                   cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
