@@ -109,3 +109,35 @@ def test_semi_run_with_views_on_cuda(tmp_path, data_dir):
     assert 0.5 < rows[0]["pseudo_accuracy"] <= 1 and "pseudo_val_accuracy" in rows[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["device"] == torch.cuda.get_device_name()
+
+
+def test_a_cuda_run_is_graded_again_and_indexed_exactly(tmp_path, data_dir):
+    """With bf16 autocast on the GPU: dmlrun-evaluate and an index of the test split give
+    the run's own test metrics (both embed through embedder.RunEmbedding, as the run did)."""
+    import sys
+
+    from dmlrun.index import Index
+
+    out = tmp_path / "run"
+    res = run_cli([*[a for a in TINY if not a.startswith("trainer.device")],
+                   "trainer.device=cuda", "model.embedding_dim=16", f"hydra.run.dir={out}"],
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["amp"] == "bfloat16"
+    res = run_cli([str(out), "--device", "cuda", "--output", str(tmp_path / "e.json")],
+                  cwd=tmp_path, exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"] == summary["test"]
+    index = Index.build(out, ["split=test"], tmp_path / "idx", device="cuda", progress=False)
+    hits = index.search_items(k=1)
+    p1 = (hits.labels[:, 0] == index.labels).double().mean().item()
+    assert p1 == summary["test"]["precision_at_1"]
+
+
+def test_the_symmetric_search_matches_the_cpu_on_cuda():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(2000) % 500  # classes of 4
+    emb = torch.randn(2000, 32, generator=g) + (labels % 7)[:, None] * 0.2
+    assert retrieval_metrics(emb.cuda(), labels.cuda()) == pytest.approx(
+        retrieval_metrics(emb, labels), abs=1e-6)
