@@ -244,21 +244,25 @@ def training_classes(cfg: DictConfig) -> int | None:
     if chosen is not None:
         return len({int(c) for c in chosen})
     n = cfg.dataset.get("num_classes")
-    return None if n is None else int(n)
+    held_out = cfg.dataset.get("val_classes") or []  # validation only, never trained on
+    return None if n is None else int(n) - len({int(c) for c in held_out})
 
 
 def _classes_per_batch(cfg: DictConfig) -> None:
-    """With ``dataset.train_classes`` fewer than the default ``sampler.p``, P follows the
-    training classes (said in the log); a P the user set stays, and is checked."""
+    """With ``dataset.train_classes`` or ``val_classes`` leaving fewer training classes than
+    the default ``sampler.p``, P follows the training classes (said in the log); a P the
+    user set stays, and is checked."""
     n = training_classes(cfg)
     p = cfg.sampler.get("p")
-    if cfg.dataset.get("train_classes") is None or p is None or n is None or int(p) <= n:
+    chosen = cfg.dataset.get("train_classes") is not None or cfg.dataset.get("val_classes")
+    if not chosen or p is None or n is None or int(p) <= n:
         return
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     if any(o.split("=")[0].lstrip("+~") == "sampler.p" for o in overrides):
         return
     cfg.sampler.p = n
-    log.info("sampler.p=%d: the %d training classes of dataset.train_classes", n, n)
+    log.info("sampler.p=%d: the %d training classes (dataset.train_classes, val_classes)", n,
+             n)
 
 
 def validate_config(cfg: DictConfig, world: int = 1,

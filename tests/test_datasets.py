@@ -183,3 +183,41 @@ def mode_as(img, channels, size):
     img = img.convert({1: "L", 3: "RGB"}[channels]).resize((size, size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def test_val_classes_validate_only_on_classes_training_never_sees(data_dir, tmp_path):
+    """dataset.val_classes: class-disjoint model selection, through the real command."""
+    import json
+
+    from tests.conftest import TINY, run_cli
+
+    out = tmp_path / "run"
+    res = run_cli([*TINY, "dataset.val_classes=[8,9]", "dataset.test_size=null",
+                   f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sampler.p=8: the 8 training classes" in (out / "dmlrun.log").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_classes"] == list(range(8))
+
+
+def test_val_classes_splits_by_class():
+    import torch
+
+    from dmlrun.data.dataset import Split, make_splits
+    from dmlrun.errors import ConfigError
+
+    labels = torch.arange(200) % 10
+    pool = Split(torch.zeros(200, 1, 2, 2, dtype=torch.uint8), labels)
+    test = Split(torch.zeros(50, 1, 2, 2, dtype=torch.uint8), torch.arange(50) % 10)
+    data = make_splits("x", 10, pool, test, 20, None, None, 0, val_classes=[8, 9])
+    assert set(data.val.labels.tolist()) == {8, 9} and len(data.val) == 40
+    assert set(data.train.labels.tolist()) == set(range(8)) and len(data.train) == 160
+    assert len(data.test) == 50  # the test set is unchanged without train_classes
+    both = make_splits("x", 10, pool, test, 20, None, None, 0, train_classes=[0, 1, 2, 3],
+                       val_classes=[4, 5])
+    assert set(both.train.labels.tolist()) == {0, 1, 2, 3}
+    assert set(both.val.labels.tolist()) == {4, 5}
+    assert set(both.test.labels.tolist()) == {6, 7, 8, 9}
+    with pytest.raises(ConfigError, match="none of dataset.train_classes"):
+        make_splits("x", 10, pool, test, 20, None, None, 0, train_classes=[0, 1, 2],
+                    val_classes=[2, 3])

@@ -111,12 +111,19 @@ def make_splits(
     seed: int,
     train_classes: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
+    val_classes: Sequence[int] | None = None,
 ) -> TensorDataset:
     """Hold out a stratified validation set from ``train_pool``; optionally cap train and test.
 
     With ``train_classes`` (class-disjoint protocol), training and validation use only
     those classes and the test set only the others, so test retrieval is on unseen classes.
+    With ``val_classes``, validation is every training-pool image of those classes and
+    training has none of them (class-disjoint model selection, as in the Metric Learning
+    Reality Check); with ``train_classes`` too, the test set has neither list's classes.
     """
+    if val_classes is not None:
+        return _class_disjoint_val(name, num_classes, train_pool, test, train_size, test_size,
+                                   seed, train_classes, class_names, val_classes)
     g = torch.Generator().manual_seed(seed)
     if train_classes is not None:
         seen = torch.tensor(sorted({int(c) for c in train_classes}))
@@ -138,3 +145,35 @@ def make_splits(
     if test_size is not None and test_size < len(test):
         test = test.subset(stratified_split(test.labels, test_size, g)[0])
     return TensorDataset(name, num_classes, train, train_pool.subset(val_idx), test, class_names)
+
+
+def _class_disjoint_val(
+    name: str, num_classes: int, train_pool: Split, test: Split, train_size: int | None,
+    test_size: int | None, seed: int, train_classes: Sequence[int] | None,
+    class_names: Sequence[str] | None, val_classes: Sequence[int],
+) -> TensorDataset:
+    """``make_splits`` with validation on ``val_classes``, none of them in training."""
+    val = torch.tensor(sorted({int(c) for c in val_classes}))
+    present = torch.unique(train_pool.labels)
+    train = present[~torch.isin(present, val)] if train_classes is None else \
+        torch.tensor(sorted({int(c) for c in train_classes}))
+    if len(val) < 2 or not torch.isin(val, present).all() or torch.isin(val, train).any() \
+            or len(train) < 2:
+        raise ConfigError(
+            f"dataset.val_classes={list(val_classes)} must name at least 2 classes of the "
+            f"training images {present.tolist()}, none of dataset.train_classes, and leave "
+            "at least 2 for training")
+    g = torch.Generator().manual_seed(seed)
+    val_split = train_pool.subset(torch.nonzero(torch.isin(train_pool.labels, val))[:, 0])
+    train_split = train_pool.subset(torch.nonzero(torch.isin(train_pool.labels, train))[:, 0])
+    if train_classes is not None:
+        seen = torch.cat([train, val])
+        test = test.subset(torch.nonzero(~torch.isin(test.labels, seen))[:, 0])
+        if len(test) == 0:
+            raise ConfigError("dataset.train_classes and dataset.val_classes leave no class "
+                              "for testing")
+    if train_size is not None and train_size < len(train_split):
+        train_split = train_split.subset(stratified_split(train_split.labels, train_size, g)[0])
+    if test_size is not None and test_size < len(test):
+        test = test.subset(stratified_split(test.labels, test_size, g)[0])
+    return TensorDataset(name, num_classes, train_split, val_split, test, class_names)

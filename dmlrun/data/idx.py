@@ -55,6 +55,7 @@ def load_idx_dataset(
     seed: int,
     train_classes: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
+    val_classes: Sequence[int] | None = None,
 ) -> TensorDataset:
     """Load a torchvision MNIST-style dataset into memory as uint8 (N, 1, 28, 28) images and
     int64 labels on the CPU, then split (see ``make_splits``). Missing files are downloaded
@@ -86,25 +87,27 @@ def load_idx_dataset(
     train_pool = Split(train.data.unsqueeze(1).contiguous(), train.targets.long())
     test_split = Split(test.data.unsqueeze(1).contiguous(), test.targets.long())
     return make_splits(name, 10, train_pool, test_split, val_size, train_size, test_size, seed,
-                       train_classes, class_names)
+                       train_classes, class_names, val_classes)
 
 
 def load_mnist(
     root: str, val_size: int = 5000, train_size: int | None = None,
     test_size: int | None = None, download: bool = True, seed: int = 0,
-    train_classes: Sequence[int] | None = None, name: str = "mnist", **_: object,
+    train_classes: Sequence[int] | None = None, name: str = "mnist",
+    val_classes: Sequence[int] | None = None, **_: object,
 ) -> TensorDataset:
     """MNIST digits (60k train / 10k test). Extra config keys (channels, mean, ...) are
     for the model and ignored here."""
     return load_idx_dataset(MNIST, root, name, val_size, train_size, test_size, download, seed,
-                            train_classes)
+                            train_classes, None, val_classes)
 
 
 def load_fashion_mnist(
     root: str, val_size: int = 5000, train_size: int | None = None,
     test_size: int | None = None, download: bool = True, seed: int = 0,
-    train_classes: Sequence[int] | None = None, name: str = "fashion_mnist", **_: object,
+    train_classes: Sequence[int] | None = None, name: str = "fashion_mnist",
+    val_classes: Sequence[int] | None = None, **_: object,
 ) -> TensorDataset:
     """Fashion-MNIST (Zalando; 60k train / 10k test, 10 clothing classes)."""
     return load_idx_dataset(FashionMNIST, root, name, val_size, train_size, test_size,
-                            download, seed, train_classes, FASHION_CLASSES)
+                            download, seed, train_classes, FASHION_CLASSES, val_classes)

@@ -60,6 +60,7 @@ def load_image_folder(
     stream: bool | str = "auto",
     stream_above_mb: float = 4096.0,
     workers: int = 2,
+    val_classes: Sequence[int] | None = None,
     **_: object,
 ) -> TensorDataset:
     """Load ``root/<class>/*.png`` (and so on) as uint8 (N, C, S, S) images, resized to
@@ -95,4 +96,4 @@ def load_image_folder(
         test_idx, train_idx = stratified_split(pool.labels, round(len(pool) * test_fraction), g)
         test, pool = pool.subset(test_idx), pool.subset(train_idx)
     return make_splits(name, len(classes), pool, test, val_size, train_size, test_size, seed,
-                       train_classes, classes)
+                       train_classes, classes, val_classes)
