@@ -122,7 +122,8 @@ def test_a_folder_index_finds_each_image_first_and_grows_with_add(trained, digit
     files = sorted(str(p) for p in digit_folder.rglob("*.png") if "class_7" not in str(p))[:5]
     hits = index.search_files(files, k=3)
     assert [row[0] for row in hits.names] == files  # each finds itself first
-    assert (hits.distances[:, 0] < 1e-3).all()
+    # itself at about zero: a batch of another size may round the convolutions differently
+    assert (hits.distances[:, 0] < 1e-2 * hits.distances[:, 1]).all()
 
 
 # ---- what users get wrong ----------------------------------------------------------------
