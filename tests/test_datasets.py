@@ -185,6 +185,7 @@ def mode_as(img, channels, size):
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
+@pytest.mark.slow
 def test_val_classes_validate_only_on_classes_training_never_sees(data_dir, tmp_path):
     """dataset.val_classes: class-disjoint model selection, through the real command."""
     import json

@@ -19,8 +19,8 @@ def test_help_is_ours_and_short(tmp_path):
     assert res.returncode == 0
     out = res.stdout
     assert "powered by Hydra" not in out and "== Config ==" not in out
-    for part in ("Examples", "dmlrun loss=triplet miner=hard", "loss: ", "miner: ",
-                 "dmlrun-evaluate", "dmlrun-summarize", "docs/architecture.md"):
+    for part in ("Examples", "dmlrun experiment=contrastive", "loss: ", "miner: ",
+                 "dmlrun-evaluate", "dmlrun-summarize", "dmlrun-index", "docs/usage.md"):
         assert part in out, part
     assert len(out.splitlines()) < 60
 
