@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 import dmlrun  # noqa: F401  (registers resolvers)
@@ -57,3 +58,16 @@ def render_dom(page: Path, profile: Path) -> subprocess.CompletedProcess:
                            f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
                            "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
                           capture_output=True, text=True, timeout=120)
+
+
+
+class RecordingAdam(torch.optim.Adam):
+    """Adam that notes the learning rate of every step (schedule and warm-up tests)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[float] = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)

@@ -15,7 +15,7 @@ from dmlrun.miners import HardMiner
 from dmlrun.models import MLP
 from dmlrun.run import run
 from dmlrun.train import StepConfig, train_epoch, warmup_factor
-from tests.conftest import TINY, compose_cfg, run_cli
+from tests.conftest import TINY, RecordingAdam, compose_cfg, run_cli
 
 SHORT = [o for o in TINY if not o.startswith(("sampler.batches_per_epoch", "trainer.max_"))] + [
     "dataset.train_size=3000", "sampler.k=10", "sampler.batches_per_epoch=100",
@@ -54,18 +54,6 @@ def test_default_hard_mining_trains(tmp_path, data_dir, caplog):
     assert sum(gap[-10:]) / 10 > 5 * sum(gap[:10]) / 10 > 0
     assert epochs[-1]["inverted_fraction"] < 0.5
     assert summary["test"]["precision_at_1"] > 0.8
-
-
-class RecordingAdam(torch.optim.Adam):
-    """Adam that notes the learning rate of every step."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen: list[float] = []
-
-    def step(self, closure=None):
-        self.seen.append(self.param_groups[0]["lr"])
-        return super().step(closure)
 
 
 def test_warmup_rises_linearly_per_step_and_hands_back_the_scheduled_rate():

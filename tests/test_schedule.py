@@ -14,19 +14,7 @@ from dmlrun.models import MLP
 from dmlrun.recorder import TrainingState
 from dmlrun.run import run
 from dmlrun.train import StepConfig, WeightAverage, lr_factor, train_epoch
-from tests.conftest import TINY, compose_cfg
-
-
-class RecordingAdam(torch.optim.Adam):
-    """Adam that notes the learning rate of every step."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen: list[float] = []
-
-    def step(self, closure=None):
-        self.seen.append(self.param_groups[0]["lr"])
-        return super().step(closure)
+from tests.conftest import TINY, RecordingAdam, compose_cfg
 
 
 def test_factor_without_anneal_is_the_warmup():
