@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from dmlrun.distances import Distance, EuclideanDistance
-from dmlrun.metrics import nearest_neighbours
+from dmlrun.search import nearest_neighbours
 
 
 def nearest(emb: torch.Tensor, queries: torch.Tensor, k: int,

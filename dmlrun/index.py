@@ -35,7 +35,7 @@ import torch
 from dmlrun import __version__
 from dmlrun.embedder import RunEmbedding
 from dmlrun.errors import UserError
-from dmlrun.metrics import nearest_neighbours
+from dmlrun.search import nearest_neighbours
 from dmlrun.sources import Source, embed_batches, open_source, parse_source
 
 FORMAT = "dmlrun-index-1"

@@ -280,7 +280,7 @@ def test_sampled_threshold_matches_sorted_reference(distance):
 def test_any_threshold_gives_the_same_metrics(monkeypatch, threshold):
     """A sampled threshold below the k-th distance is redone exactly; one above it only
     costs time."""
-    import dmlrun.metrics as ev
+    import dmlrun.search as ev
 
     def fake(dist, k):
         return dist.min(1).values if threshold == "too low" else torch.full((len(dist),), 1e30)
@@ -294,7 +294,7 @@ def test_any_threshold_gives_the_same_metrics(monkeypatch, threshold):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_generic_sort_matches_packed_keys(monkeypatch, dtype):
     """The path GPUs take (two stable sorts) against the CPU's packed keys."""
-    import dmlrun.metrics as ev
+    import dmlrun.search as ev
 
     emb, labels = tied_set(500, 3, 6, 5, dtype)
     q, ql = tied_set(60, 3, 6, 6, dtype)
@@ -308,7 +308,7 @@ def test_generic_sort_matches_packed_keys(monkeypatch, dtype):
 
 
 def test_packed_keys_order_signed_zeros_negatives_and_ties():
-    from dmlrun.metrics import _leading, _leading_cpu
+    from dmlrun.search import _leading, _leading_cpu
 
     values = [0.0, -0.0, -1.5, 2.0, -0.0, float("inf"), -1.5, 1e-30, -1e-30, 2.0, 0.0, -3e38]
     dist = torch.tensor([values, values[::-1]], dtype=torch.float32)
@@ -324,7 +324,7 @@ def test_packed_keys_order_signed_zeros_negatives_and_ties():
                                                       DotProductDistance(normalize=True),
                                                       CosineDistance(normalize=True)], ids=repr)
 def test_chunk_distances_are_pairwise_bit_for_bit(distance, dtype):
-    from dmlrun.metrics import _chunk_pairwise
+    from dmlrun.search import _chunk_pairwise
 
     g = torch.Generator().manual_seed(7)
     ref = torch.randn(333, 16, generator=g, dtype=dtype) * 3
@@ -371,26 +371,26 @@ def test_the_symmetric_search_for_small_classes_equals_the_row_search(distance, 
     """Classes of a few items (R <= SMALL_K) take the symmetric block search; on many
     blocks, with exact ties (integer points) and negative distances (dot), it finds the
     same neighbours in the same order as the row-by-row search."""
-    from dmlrun import metrics
+    from dmlrun import metrics, search
 
     g = torch.Generator().manual_seed(3)
     labels = torch.arange(700) % 175  # classes of 4, as in Stanford Online Products
     emb = torch.randint(-2, 3, (700, 3), generator=g).float()
-    monkeypatch.setattr(metrics, "SYMMETRIC_BLOCK", 96)
+    monkeypatch.setattr(search, "SYMMETRIC_BLOCK", 96)
     fast = retrieval_metrics(emb, labels, distance=distance)
     per_fast = metrics.per_query(emb, labels, distance)
-    monkeypatch.setattr(metrics, "SMALL_K", 0)
+    monkeypatch.setattr(search, "SMALL_K", 0)
     slow = retrieval_metrics(emb, labels, distance=distance)
     per_slow = metrics.per_query(emb, labels, distance)
     assert fast == slow
     assert torch.equal(per_fast.nearest, per_slow.nearest)
-    monkeypatch.setattr(metrics, "SMALL_K", 32)  # an index searched with all its items
-    nn, _ = metrics.nearest_neighbours(emb, emb, 1, distance, exclude=torch.arange(700))
+    monkeypatch.setattr(search, "SMALL_K", 32)  # an index searched with all its items
+    nn, _ = search.nearest_neighbours(emb, emb, 1, distance, exclude=torch.arange(700))
     assert torch.equal(nn[:, 0], per_fast.nearest)
     assert torch.equal(per_fast.hit1, per_slow.hit1)
     if isinstance(distance, EuclideanDistance):  # and against brute force, without ties
         emb = torch.randn(700, 3, generator=g) + (labels % 7)[:, None] * 0.5
-        monkeypatch.setattr(metrics, "SMALL_K", 32)
+        monkeypatch.setattr(search, "SMALL_K", 32)
         got = retrieval_metrics(emb, labels, distance=distance)
         want = brute_force(emb, labels, emb, labels, loo=True)
         for k, v in want.items():

@@ -21,7 +21,7 @@ from dmlrun.distances import (
 )
 from dmlrun.errors import UserError
 from dmlrun.index import Index
-from dmlrun.metrics import nearest_neighbours
+from dmlrun.search import nearest_neighbours
 from tests.conftest import DATA_DIR, TINY, render_dom, run_cli
 
 DIM = 16
