@@ -53,34 +53,17 @@ def choice(cfg: DictConfig, group: str) -> str:
     return str(node._target_).rsplit(".", 1)[-1]
 
 
-# Settings read by the run itself (no ``_target_`` signature to check them against).
-RUN_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
-    "seed": int, "trainer.max_epochs": int, "trainer.log_every": int,
-    "trainer.eval_batch_size": int, "trainer.warmup_epochs": (int, float),
-    "trainer.ema_decay": (float, type(None)),
-    "trainer.early_stopping_patience": (int, type(None)), "trainer.channels_last": bool,
-    "trainer.epoch_plots": bool, "evaluation.knn_k": int, "evaluation.baselines": bool,
-    "evaluation.clustering": bool,
-    "dataset.labeled_per_class": (int, type(None)),
-    # semi-supervised runs (absent with semi=none)
-    "semi.refresh_every": (int, type(None)), "semi.warmup_epochs": (int, type(None)),
-    "semi.graph": (str, type(None)), "semi.features": (str, type(None)),
-}
 TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def check_types(cfg: DictConfig) -> None:
-    """Every required value (``???``) given, and every setting of the type it is read
-    as: the run's own settings (``RUN_SETTING_TYPES``) and the arguments of each
-    ``_target_`` whose signature declares int, float, bool or str. One ConfigError naming
-    the key and the expected type."""
+    """Every required value (``???``) given, and every argument of a ``_target_`` whose
+    signature declares int, float, bool or str of that type. One ConfigError naming the
+    key and the expected type. (The run's own settings have a schema: ``settings``.)"""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
     if missing:
         raise ConfigError(f"{missing[0]} has no value and needs one: add {missing[0]}=<value> "
                           "to the command")
-    for key, kinds in RUN_SETTING_TYPES.items():
-        _check_value(key, OmegaConf.select(cfg, key, default=None, throw_on_missing=False),
-                     kinds if isinstance(kinds, tuple) else (kinds,))
     for key, node in _target_nodes(cfg, ""):
         for name, kinds in _declared_types(str(node._target_)).items():
             if name in node:

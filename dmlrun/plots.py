@@ -1,9 +1,7 @@
-"""Plots of a run: 2D embedding scatter, per-epoch frames and GIF, training curves,
-pseudo-label quality."""
+"""Plots of a run: 2D embedding scatter, per-epoch frames and GIF, training curves."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -148,7 +146,7 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _epoch_axis(ax, last_epoch: int) -> None:
+def epoch_axis(ax, last_epoch: int) -> None:
     ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
     if last_epoch <= 20:
@@ -192,7 +190,7 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str],
     if all(r > 0 for r in rates):
         ax_lr.set_yscale("log")
     for ax in (ax_loss, ax_val, ax_mine, ax_lr):
-        _epoch_axis(ax, last)
+        epoch_axis(ax, last)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -241,50 +239,3 @@ def _mining_panel(ax, history: Sequence[dict], steps: Sequence[dict]) -> None:
         ax.legend(fontsize=7)
     ax.set_ylabel("mean distance in batch (smoothed)")
     ax.set_title("mining per step")
-
-
-def pseudo_labels(history: Sequence[dict], path: str | Path) -> Path:
-    """Pseudo-label quality at each refresh: the share right on the unlabeled training
-    images (their hidden labels) and on the validation images (what the run could see),
-    for the graph in use and, while raw pixels are in use, for the model's features; the
-    kept ones' accuracy and the fraction kept when not every pseudo-label is kept; epochs
-    whose pseudo-labels came from raw pixels shaded."""
-    path = Path(path)
-    rows = [h for h in history if "pseudo_accuracy" in h]
-    epochs = [h["epoch"] for h in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    # (field, legend, line style, colour): each series keeps its colour in every run
-    series = [("pseudo_accuracy", "unlabeled training images (hidden labels)", "-o", "C0"),
-              ("pseudo_val_accuracy", "validation images", "--o", "C1"),
-              ("pseudo_val_accuracy_features", "validation images, model's features", ":s",
-               "C2")]
-    partial = any(h["pseudo_kept_fraction"] < 1 for h in rows)
-    if partial:
-        series.insert(1, ("pseudo_kept_accuracy", "kept pseudo-labels", "-^", "C3"))
-    shown: list[float] = []
-    for key, label, style, colour in series:
-        pts = [(h["epoch"], h[key]) for h in rows if math.isfinite(h.get(key, math.nan))]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), style, color=colour, label=label)
-            shown += [v for _, v in pts]
-    for h in rows:
-        if h.get("pseudo_from_pixels"):
-            ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="0.9", zorder=0)
-    if any(h.get("pseudo_from_pixels") for h in rows):
-        ax.fill_between([], [], color="0.9", label="from raw pixels")
-    ax.set_ylabel("pseudo-labels right")
-    ax.set_ylim(max(0.0, min(shown, default=0.0) - 0.03), 1.005)
-    if partial:
-        twin = ax.twinx()
-        twin.plot(epochs, [h["pseudo_kept_fraction"] for h in rows], "k--", marker="x",
-                  label="fraction kept")
-        twin.set_ylim(0, 1.05)
-        twin.set_ylabel("fraction of unlabeled images kept")
-        twin.legend(loc="center right", fontsize=8)
-    ax.set_title("pseudo-labels at each refresh")
-    ax.legend(fontsize=8, loc="lower right")
-    _epoch_axis(ax, max(epochs) if epochs else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -41,7 +41,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: Any  # an LRScheduler or None
     sampler_rng: torch.Generator
-    semi: Any = None  # a semi.SemiSupervision (its pseudo-labels), or None
+    task: Any = None  # the run's task.Task (its own state, e.g. labels it assigned)
     # a train.WeightAverage, or None. Checkpoints are written while the averaged weights
     # are in the model (so "model" is what was validated and is tested), and "ema" then
     # holds the model's own weights; loading swaps them back to train on.
@@ -49,7 +49,7 @@ class TrainingState:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "semi": self.semi.state_dict() if self.semi is not None else None,
+            "task": self.task.state_dict() if self.task is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "model": self.model.state_dict(),
             "loss": self.loss.state_dict(),
@@ -70,8 +70,12 @@ class TrainingState:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.sampler_rng.set_state(state["sampler_rng"])
-        if self.semi is not None:
-            self.semi.load_state_dict(state["semi"])
+        if self.task is not None:
+            if state.get("task") is None and self.task.state_dict() is not None:
+                raise UserError("the checkpoint holds no state of this run's task (it was "
+                                "written by another task or an older dmlrun), so the run "
+                                "cannot continue exactly; start a new run")
+            self.task.load_state_dict(state.get("task"))
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
             self.ema.swap()  # the model's own weights back in the model

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from dmlrun.metrics import display_order
 
@@ -28,7 +29,6 @@ RUN_PLOTS = (
     ("confusion.png", "Nearest-neighbour class confusion on the test set"),
     ("per_class.png", "Per-class test metrics"),
     ("curves.png", "Training: loss and mining per step, validation per epoch, learning rate"),
-    ("pseudo_labels.png", "Pseudo-label quality (semi-supervised)"),
     ("epochs/embedding.gif", "Validation embeddings, epoch by epoch"),
 )
 STYLE = """
@@ -105,8 +105,13 @@ def _per_class_table(summary: dict) -> str:
 
 
 def _figures(run_dir: Path) -> list[str]:
+    """Every plot of RUN_PLOTS the run has, then any other PNG in plots/ (a task's own),
+    captioned by the title stored in the PNG."""
     out = []
-    for rel, caption in RUN_PLOTS:
+    known = {rel for rel, _ in RUN_PLOTS}
+    others = [(p.name, Image.open(p).info.get("Title", p.stem.replace("_", " ")))
+              for p in sorted((run_dir / "plots").glob("*.png")) if p.name not in known]
+    for rel, caption in (*RUN_PLOTS[:-1], *others, RUN_PLOTS[-1]):
         path = run_dir / "plots" / rel
         if path.is_file():
             out.append(f'<figure><img alt="{html.escape(rel)}" src="{data_uri(path)}">'

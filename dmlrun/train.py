@@ -30,8 +30,8 @@ class NonFiniteLoss(UserError):
 @dataclass
 class ViewsTerm:
     """A loss on two augmented views of the same images (each view's only positive is the
-    other; e.g. NT-Xent), weighted by ``weight``: a training signal from unlabeled images
-    that needs no pseudo-label."""
+    other; e.g. NT-Xent), weighted by ``weight``: a training signal that needs no
+    label."""
 
     loss: MetricLoss
     augment: Callable[[torch.Tensor], torch.Tensor]

@@ -61,7 +61,7 @@ def test_elastic_distortion_differs_per_image_and_the_configs_build():
     g = torch.Generator().manual_seed(3)
     a = RandomAffine(0, 0, (1, 1), 0, elastic_alpha=2.0)(x, g)
     assert not torch.allclose(a[0], a[1]) and a.shape == x.shape
-    from dmlrun.run import validate_config
+    from dmlrun.assemble import validate_config
 
     for option in ("affine", "elastic"):
         parts = validate_config(compose_cfg([f"augment={option}"]))

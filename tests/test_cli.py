@@ -144,11 +144,11 @@ def test_proxy_run_trains_proxies_and_writes_diagnostics(tmp_path, data_dir):
 
 
 def test_warnings_for_no_mining_and_collapse(tmp_path, data_dir, monkeypatch, caplog):
-    import dmlrun.run
+    import dmlrun.epoch_end
     import dmlrun.train
 
     monkeypatch.setattr(dmlrun.train, "NO_MINING_STEPS", 3)
-    monkeypatch.setattr(dmlrun.run, "COLLAPSE_RATIO", 10.0)  # any run counts as collapsed
+    monkeypatch.setattr(dmlrun.epoch_end, "COLLAPSE_RATIO", 10.0)  # any run counts as collapsed
     cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.epoch_plots=false",
                               "evaluation.baselines=false", "loss=contrastive",
                               "miner=pair_margin",
@@ -260,7 +260,7 @@ def test_sweep_2x2x3_summary_matches_hand_computation(tmp_path, data_dir):
     ("model.embedding_dim=0", "cannot build model=.*embedding_dim >= 1"),
     ("optimizer.lr=abc", "cannot build optimizer="),
     ("loss.margin=-1", "cannot build loss=.*margin.*>= 0"),
-    ("trainer.monitor=accuracy", "not a validation metric"),
+    ("trainer.monitor=accuracy", "trainer.monitor must be one of precision_at_1"),
 ])
 def test_bad_values_raise_config_error(tmp_path, data_dir, bad, match):
     from dmlrun.errors import ConfigError

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dmlrun.assemble import validate_config
 from dmlrun.errors import ConfigError
-from dmlrun.run import validate_config
 from tests.conftest import compose_cfg
 
 # value -> is it valid on its own?

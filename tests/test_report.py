@@ -84,7 +84,7 @@ def test_a_broken_image_is_marked_by_the_page(tmp_path):
 def test_a_one_epoch_axis_has_whole_epochs():
     fig, ax = plt.subplots()
     ax.plot([0.25, 0.5, 1.0], [1, 2, 3])
-    plots._epoch_axis(ax, 1)
+    plots.epoch_axis(ax, 1)
     assert list(ax.get_xticks()) == [0, 1]
     plt.close(fig)
 

@@ -115,7 +115,7 @@ def test_a_resumed_semi_run_equals_an_uninterrupted_one(tmp_path, data_dir):
     proc.wait()
     assert not (killed / "summary.json").exists()
     state = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)
-    assert state["semi"]["epoch_no"] == state["epoch"]  # the pseudo-labels are saved
+    assert state["task"]["epoch_no"] == state["epoch"]  # the pseudo-labels are saved
     res = run_cli([*args, f"trainer.resume={killed}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     timing = {"train_seconds", "samples_per_s", "epoch_seconds"}
@@ -225,8 +225,9 @@ def test_label_propagation_recovers_clusters_with_and_without_pca_and_balancing(
 
 def test_penultimate_features_are_what_the_last_layer_reads():
     from dmlrun.data.dataset import Split
+    from dmlrun.evaluation import penultimate_features
     from dmlrun.models.convnet import ConvNet
-    from dmlrun.semi import feature_layer, penultimate_features
+    from dmlrun.semi import feature_layer
 
     model = ConvNet(embedding_dim=2, hidden_dim=32)
     images = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
@@ -338,11 +339,11 @@ def test_confidence_weights_favour_sure_pseudo_labels():
     ("semi.graph=umap", "semi.graph must be one of embedding, pixels, auto, got 'umap'"),
     ("semi.refresh_every=0", "semi.refresh_every must be >= 1, got 0"),
     ("semi.warmup_epochs=-1", "semi.warmup_epochs must be >= 0, got -1"),
-    ("semi.refresh_every=abc", "semi.refresh_every must be an integer or null"),
+    ("semi.refresh_every=abc", "semi.refresh_every must be an integer or null, got 'abc'"),
 ])
 def test_bad_semi_settings_are_config_errors_before_any_data(override, message):
+    from dmlrun.assemble import check_config
     from dmlrun.errors import ConfigError
-    from dmlrun.run import check_config
     from tests.conftest import compose_cfg
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -18,6 +18,9 @@ def test_wheel_install_runs_cfg_job(tmp_path):
     shipped = {f"dmlrun/configs/{p.relative_to(REPO / 'configs').as_posix()}"
                for p in (REPO / "configs").rglob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
+    modules = {f"dmlrun/{p.relative_to(REPO / 'dmlrun').as_posix()}"
+               for p in (REPO / "dmlrun").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)  # every package, e.g. dmlrun/semi/
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

@@ -31,7 +31,7 @@ class Split:
         return Split(self.images[index], self.labels[index])
 
     def with_labels(self, labels: torch.Tensor) -> Split:
-        """The same images with other (N,) labels (pseudo-labels)."""
+        """The same images with other (N,) labels (e.g. labels a task assigned)."""
         return Split(self.images, labels)
 
     def take(self, index: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,11 @@ Tuples = tuple[torch.Tensor, ...]
 class Epoch:
     """``indices`` (num_batches, batch_size) into the split; ``tuples`` the fixed
     within-batch pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``, or None for
-    online mining. ``extra`` (num_batches, batch_size2): optional second batch per step
-    (semi-supervised: labeled + pseudo-labeled images), weighted by
+    online mining. ``extra`` (num_batches, batch_size2): an optional second batch per step,
+    a task's (e.g. images it labelled itself), its loss weighted by
     ``StepConfig.extra_weight``. ``views`` (num_batches, batch_size3): optional images per
-    step seen in two augmented views, each other's only positive (semi-supervised, no
-    labels needed; ``StepConfig.views``)."""
+    step seen in two augmented views, each other's only positive (no labels needed;
+    ``StepConfig.views``)."""
 
     indices: torch.Tensor
     tuples: Tuples | None = None

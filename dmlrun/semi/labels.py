@@ -24,11 +24,9 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from dmlrun.clustering import kmeans
 from dmlrun.data.samplers import Epoch, PKSampler
-from dmlrun.metrics import embed_split
 
 GRAPH_SPACES = ("embedding", "pixels", "auto")
 FEATURE_LAYERS = ("output", "penultimate", "auto")
@@ -60,24 +58,6 @@ def feature_layer(choice: str, embedding_dim: int) -> str:
     if choice == "auto":
         return "output" if embedding_dim >= MIN_GRAPH_DIM else "penultimate"
     return choice
-
-
-@torch.no_grad()
-def penultimate_features(model: nn.Module, split, batch_size: int = 2048,
-                         amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(N, F) float32 inputs of the model's last linear layer for a split's images: the
-    features the embedding is read from."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("semi.features=penultimate needs a model that ends in nn.Linear")
-    captured: list[torch.Tensor] = []
-    handle = linears[-1].register_forward_hook(
-        lambda _module, inputs, _output: captured.append(inputs[0].float()))
-    try:
-        embed_split(model, split, batch_size, amp_dtype)
-    finally:
-        handle.remove()
-    return torch.cat(captured)
 
 
 def pick_labeled(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
