@@ -124,17 +124,12 @@ def evaluate_checkpoint(
 def _plots(emb, part, data, config: dict, distance, out: Path, title: str) -> dict:
     from hydra.utils import instantiate
 
-    from dmlrun import plots, retrieval_plots
+    from dmlrun import retrieval_plots
+    from dmlrun.outputs import split_plots
 
-    seed = int(config.get("seed", 0))
-    classes = list(data.class_names) if data.class_names else None
-    points, how = plots.project_2d(emb, str(config.get("evaluation", {}).get(
-        "projection", "pca")), seed)
-    plots.scatter(points, part.labels, out / "embedding.png", title, class_names=classes,
-                  xlabel=how)
     margin = retrieval_plots.loss_margin(instantiate(config["loss"]))
-    return retrieval_plots.write_all(emb, part, distance, margin, data.num_classes, out, title,
-                                     classes, seed)
+    return split_plots(emb, part, data, distance, margin, str(config.get("evaluation", {}).get(
+        "projection", "pca")), int(config.get("seed", 0)), out, title)[1]
 
 
 def default_plots_dir(path: str | Path, dataset: str, split: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -36,18 +37,19 @@ def versions() -> dict[str, str]:
 
 
 def write_plots(ctx: Context, history: list[dict], recorder: Recorder,
-                 validation: Validation, test_emb: torch.Tensor, test: dict,
-                 baselines: dict) -> dict[str, Any]:
+                validation: Validation, test_emb: torch.Tensor, test: dict,
+                baselines: dict) -> dict[str, Any]:
     """Every plot under plots/; returns the analysis numbers for summary.json."""
     data, names, s = ctx.data, ctx.names, ctx.parts.settings
     plot_dir = ctx.run_dir / "plots"
     classes = list(data.class_names) if data.class_names else None
-    points, how = plots.project_2d(test_emb, s.evaluation.projection, s.seed)
-    plots.scatter(
-        points, data.test.labels, plot_dir / "embedding.png",
-        f"{data.name} test: loss={names['loss']} miner={names['miner']} epoch "
-        f"{recorder.best['epoch']} - P@1 {test['precision_at_1']:.3f} MAP@R "
-        f"{test['map_at_r']:.3f}", class_names=classes, xlabel=how)
+    title = (f"{data.name} test: loss={names['loss']} miner={names['miner']} epoch "
+             f"{recorder.best['epoch']} - P@1 {test['precision_at_1']:.3f} MAP@R "
+             f"{test['map_at_r']:.3f}")
+    loss = ctx.parts.loss
+    points, analysis = split_plots(test_emb, data.test, data, loss.distance,
+                                   retrieval_plots.loss_margin(loss), s.evaluation.projection,
+                                   s.seed, plot_dir, f"{data.name} test", title)
     # the 2-D points, so a sweep's summary can redraw every run's embedding from data
     torch.save({"points": points.cpu(), "labels": data.test.labels.cpu()},
                plot_dir / "embedding_points.pt")
@@ -59,10 +61,23 @@ def write_plots(ctx: Context, history: list[dict], recorder: Recorder,
         plots.epoch_frames(frames, data.val.labels[validation.frame_idx], plot_dir / "epochs",
                            f"{data.name} val: loss={names['loss']} miner={names['miner']}",
                            class_names=classes)
-    loss = ctx.parts.loss
-    return retrieval_plots.write_all(test_emb, data.test, loss.distance,
-                                     retrieval_plots.loss_margin(loss), data.num_classes,
-                                     plot_dir, f"{data.name} test", classes, s.seed)
+    return analysis
+
+
+def split_plots(emb: torch.Tensor, split: Any, data: Any, distance: Any, margin: float | None,
+                projection: str, seed: int, out: Path, title: str,
+                scatter_title: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The plots of one embedded split, for the run's test set and for any split
+    ``dmlrun-evaluate --plots`` grades: the 2-D scatter (``embedding.png``) and
+    ``retrieval_plots.write_all`` (gallery, distances, confusion, per class) with the
+    run's distance and the loss's margin. Returns the (N, 2) points and the analysis
+    numbers."""
+    classes = list(data.class_names) if data.class_names else None
+    points, how = plots.project_2d(emb, projection, seed)
+    plots.scatter(points, split.labels, out / "embedding.png", scatter_title or title,
+                  class_names=classes, xlabel=how)
+    return points, retrieval_plots.write_all(emb, split, distance, margin, data.num_classes,
+                                             out, title, classes, seed)
 
 
 def write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_state: dict,
