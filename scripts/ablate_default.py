@@ -71,6 +71,12 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "triplet_hard_8_cos_steps_l2": ([*T8C, "model.l2_normalize=true", "loss.margin=0.2"],
                                     "triplet_hard_8_cos_steps, L2-normalised embedding "
                                     "(unit circle), margin 0.2"),
+    "triplet_hard_8_cos_steps_bn": ([*T8C, "model.batch_norm=true"],
+                                    "triplet_hard_8_cos_steps, BatchNorm after every conv "
+                                    "and hidden linear layer"),
+    "triplet_hard_8_cos_steps_bn_64d": ([*T8C, "model.batch_norm=true",
+                                         "model.embedding_dim=64"],
+                                        "triplet_hard_8_cos_steps_bn in 64-D"),
     "triplet_hard_8_cos_steps_affine": ([*T8C, "augment=affine"],
                                         "triplet_hard_8_cos_steps with random affine "
                                         "augmentation"),

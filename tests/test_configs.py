@@ -73,6 +73,30 @@ def test_models_embed_raw_images():
         assert out.shape == (3, 5)
 
 
+def test_convnet_batch_norm_is_an_option_that_leaves_the_plain_net_as_it_was():
+    import torch
+
+    from dmlrun.models.convnet import ConvNet
+
+    plain = ConvNet(embedding_dim=4)
+    # the plain net's parameter names (old checkpoints load) and its initial weights
+    assert list(plain.state_dict()) == [
+        "mean", "std", "features.0.weight", "features.0.bias", "features.1.weight", "features.3.weight",
+        "features.3.bias", "features.4.weight", "head.1.weight", "head.1.bias",
+        "head.2.weight", "head.3.weight", "head.3.bias", "head.4.weight", "head.5.weight",
+        "head.5.bias"]
+    normed = ConvNet(embedding_dim=4, batch_norm=True).train()
+    norms = [m for m in normed.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 4  # after both convs and both hidden linear layers
+    layers = [m for m in normed.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert [m.bias is None for m in layers] == [True, True, True, True, False]
+    x = torch.rand(8, 1, 28, 28)
+    assert normed(x).shape == (8, 4)
+    normed.eval()
+    one = normed(x[:1])  # evaluation uses the running statistics: a batch of one works
+    assert torch.allclose(one, normed(x)[:1], atol=1e-5)
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_presets_compose_and_fit(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])

@@ -9,7 +9,8 @@ from dmlrun.models.base import Embedder
 
 
 class ConvNet(Embedder):
-    """Conv(5x5)+PReLU+MaxPool blocks, then an MLP head to ``embedding_dim``.
+    """Conv(5x5)[+BatchNorm]+PReLU+MaxPool blocks, then an MLP head to ``embedding_dim``
+    (``batch_norm``: also BatchNorm1d after each hidden linear layer).
 
     Input (B, in_channels, H, W) float in [0, 1]; output (B, embedding_dim).
     """
@@ -24,24 +25,25 @@ class ConvNet(Embedder):
         l2_normalize: bool = False,
         mean: float = 0.1307,
         std: float = 0.3081,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__(embedding_dim, l2_normalize, mean, std)
         blocks: list[nn.Module] = []
         size, c_in = image_size, in_channels
         for c_out in channels:
-            blocks += [nn.Conv2d(c_in, c_out, kernel_size=5), nn.PReLU(), nn.MaxPool2d(2)]
+            blocks += [nn.Conv2d(c_in, c_out, kernel_size=5, bias=not batch_norm),
+                       *([nn.BatchNorm2d(c_out)] if batch_norm else []), nn.PReLU(),
+                       nn.MaxPool2d(2)]
             size, c_in = (size - 4) // 2, c_out
         if size < 1:
             raise ValueError(f"image_size={image_size} is too small for {len(channels)} blocks")
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(c_in * size * size, hidden_dim),
-            nn.PReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.PReLU(),
-            nn.Linear(hidden_dim, embedding_dim),
-        )
+        def hidden(n_in: int) -> list[nn.Module]:
+            norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+            return [nn.Linear(n_in, hidden_dim, bias=not batch_norm), *norm, nn.PReLU()]
+
+        self.head = nn.Sequential(nn.Flatten(), *hidden(c_in * size * size),
+                                  *hidden(hidden_dim), nn.Linear(hidden_dim, embedding_dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
