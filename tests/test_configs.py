@@ -79,10 +79,10 @@ def test_convnet_batch_norm_is_an_option_that_leaves_the_plain_net_as_it_was():
     from dmlrun.models.convnet import ConvNet
 
     plain = ConvNet(embedding_dim=4)
-    # the plain net's parameter names (old checkpoints load) and its initial weights
+    # the plain net's parameter names, so its old checkpoints load
     assert list(plain.state_dict()) == [
-        "mean", "std", "features.0.weight", "features.0.bias", "features.1.weight", "features.3.weight",
-        "features.3.bias", "features.4.weight", "head.1.weight", "head.1.bias",
+        "mean", "std", "features.0.weight", "features.0.bias", "features.1.weight",
+        "features.3.weight", "features.3.bias", "features.4.weight", "head.1.weight", "head.1.bias",
         "head.2.weight", "head.3.weight", "head.3.bias", "head.4.weight", "head.5.weight",
         "head.5.bias"]
     normed = ConvNet(embedding_dim=4, batch_norm=True).train()
