@@ -66,4 +66,4 @@ def test_elastic_distortion_differs_per_image_and_the_configs_build():
     for option in ("affine", "elastic"):
         parts = validate_config(compose_cfg([f"augment={option}"]))
         assert isinstance(parts.augment, RandomAffine)
-    assert validate_config(compose_cfg([])).augment is None
+    assert validate_config(compose_cfg(["augment=none"])).augment is None

@@ -172,8 +172,10 @@ def test_missing_data_names_files(tmp_path):
 
 
 def test_early_stopping_stops(tmp_path, data_dir):
-    # patience 1 with a learning rate of 0: no epoch after the first can improve
+    # patience 1 with a learning rate of 0 (and no BatchNorm statistics that would move):
+    # no epoch after the first can improve
     cfg = compose_cfg(TINY + [f"paths.data_dir={data_dir}", "trainer.max_epochs=4",
+                              "model=convnet",
                               "trainer.early_stopping_patience=1", "optimizer.lr=0",
                               "evaluation.baselines=false", "scheduler=none"])
     summary = run(cfg, tmp_path / "run")

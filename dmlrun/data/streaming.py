@@ -139,8 +139,11 @@ class FileSplit:
         device = self.labels.device
         rows = list(index_batches.cpu()) if isinstance(index_batches, torch.Tensor) else \
             [i.cpu() for i in index_batches]  # one copy from the device, not one per row
+        # its own generator: the workers' seeds are not drawn from the global one, which
+        # the training steps draw from (augmentation), so streaming changes no random draw
         loader = DataLoader(self._decoder(rows, self.train), batch_size=None, shuffle=False,
                             num_workers=self.workers, pin_memory=device.type == "cuda",
-                            prefetch_factor=self.prefetch if self.workers else None)
+                            prefetch_factor=self.prefetch if self.workers else None,
+                            generator=torch.Generator().manual_seed(0))
         for images in loader:
             yield images.to(device, non_blocking=True)
