@@ -183,11 +183,17 @@ def curves(history: Sequence[dict], path: str | Path, metrics: Sequence[str],
     ax_val.set_title("validation per epoch; baselines dashed")
     ax_val.legend(fontsize=7)
     _mining_panel(ax_mine, history, steps)
-    rates = [h.get("lr", float("nan")) for h in history]
-    ax_lr.plot(epochs, rates, marker="o")
-    ax_lr.set_ylabel("learning rate at the epoch's start")
+    if all("lr_first" in h for h in history):  # the rate applied at each epoch's ends
+        xs = [x for h in history for x in (h["epoch"] - 1, h["epoch"])]
+        rates = [r for h in history for r in (h["lr_first"], h["lr_last"])]
+        ax_lr.plot(xs, rates, marker=".")
+        ax_lr.set_ylabel("learning rate applied\n(each epoch's first and last step)")
+    else:  # records written before the applied rate was kept
+        rates = [h.get("lr", float("nan")) for h in history]
+        ax_lr.plot(epochs, rates, marker="o")
+        ax_lr.set_ylabel("learning rate at the epoch's start")
     ax_lr.set_title("learning rate")
-    if all(r > 0 for r in rates):
+    if all(r > 0 for r in rates) and max(rates) < 1e3 * min(rates):  # a decay to ~0: linear
         ax_lr.set_yscale("log")
     for ax in (ax_loss, ax_val, ax_mine, ax_lr):
         epoch_axis(ax, last)

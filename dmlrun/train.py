@@ -375,8 +375,11 @@ def train_epoch(
             progress.update(step, steps[: step + 1][applied[: step + 1]], zero_streak)
     for group, lr in zip(optimizer.param_groups, scheduled, strict=True):
         group["lr"] = lr  # the epoch scheduler continues from its own rate
-    return _epoch_stats(steps, applied, time.perf_counter() - t0, epoch, step_cfg, desc,
-                        miner is not None)
+    n = len(epoch)  # the rates the first and last steps applied (warm-up, per-step decay)
+    applied_lr = {"lr_first": scheduled[0] * lr_factor(step_cfg, epoch_no, 0, n),
+                  "lr_last": scheduled[0] * lr_factor(step_cfg, epoch_no, n - 1, n)}
+    return applied_lr | _epoch_stats(steps, applied, time.perf_counter() - t0, epoch, step_cfg,
+                                     desc, miner is not None)
 
 
 def _epoch_stats(steps: torch.Tensor, applied: torch.Tensor, seconds: float, epoch: Epoch,

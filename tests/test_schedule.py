@@ -54,12 +54,16 @@ def test_each_step_trains_at_the_scheduled_rate():
     opt = RecordingAdam(model.parameters(), lr=0.01)
     epoch = PKSampler(p=3, k=4, batches_per_epoch=4).epoch(split.labels, g)
     cfg = StepConfig(progress_bar=False, anneal="cosine", max_epochs=2)
+    records = []
     for epoch_no in (1, 2):
-        train_epoch(model, TripletLoss(), HardMiner(), opt, split, epoch, cfg,
-                    epoch_no=epoch_no)
+        records.append(train_epoch(model, TripletLoss(), HardMiner(), opt, split, epoch, cfg,
+                                   epoch_no=epoch_no))
         assert opt.param_groups[0]["lr"] == 0.01  # handed back for the epoch scheduler
     expected = [0.01 * 0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)]
     assert opt.seen == pytest.approx(expected)
+    # the epoch record keeps the rates its first and last steps applied (curves.png)
+    assert [r[k] for r in records for k in ("lr_first", "lr_last")] == pytest.approx(
+        [expected[0], expected[3], expected[4], expected[7]])
 
 
 def test_cosine_steps_config_builds_no_epoch_scheduler():
