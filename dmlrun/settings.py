@@ -125,7 +125,7 @@ def read_settings(cfg: DictConfig, task_schema: tuple[str, type] | None = None) 
     """Check and read the run's settings from ``cfg`` (``task_schema``: the task's group
     and schema). Raises ConfigError naming the first bad key."""
     _check_value("seed", cfg.get("seed"), int, dataclasses.MISSING)
-    _check_value("tag", cfg.get("tag"), str | None, dataclasses.MISSING)
+    _check_value("tag", cfg.get("tag"), str | int | float | None, dataclasses.MISSING)
     scheduler = read(cfg.get("scheduler") or OmegaConf.create({}), SchedulerSettings,
                      "scheduler", closed=False)
     ratio = scheduler.min_lr_ratio

@@ -31,15 +31,10 @@ GROUPS = [
 NO_DATA = ["paths.data_dir=/nonexistent/dmlrun-data", "dataset.download=false"]
 
 
-def _members(kind: Any) -> tuple:
-    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, type(int | None)) \
-        else (kind,)
-
-
 def bad_values(f: dataclasses.Field, kind: Any) -> list[tuple[str, str]]:
     """(override value, what is wrong) for one setting: a wrong type, and each bound or
     choice crossed."""
-    m, members = f.metadata, _members(kind)
+    m, members = f.metadata, schema._members(kind)
     out = []
     if m.get("choices") is not None:
         out.append(("no_such_choice", "choice"))
@@ -110,7 +105,7 @@ def test_a_bad_value_is_one_message_naming_its_key_before_data(base, key, value,
 INT_BOUNDS = [("++" + group if f.default is None else group, f.name, f.metadata["minimum"],
                base) for group, cls, base in GROUPS
               for f in dataclasses.fields(cls) if f.metadata.get("minimum") is not None
-              and int in _members(typing.get_type_hints(cls)[f.name])]
+              and int in schema._members(typing.get_type_hints(cls)[f.name])]
 
 
 @settings(max_examples=40, deadline=None,
