@@ -97,6 +97,34 @@ def test_convnet_batch_norm_is_an_option_that_leaves_the_plain_net_as_it_was():
     assert torch.allclose(one, normed(x)[:1], atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_convnet_pool_first_is_the_same_function_while_prelu_slopes_are_non_negative(
+        batch_norm: bool):
+    import torch
+
+    from dmlrun.models.convnet import ConvNet
+
+    torch.manual_seed(0)
+    plain = ConvNet(embedding_dim=3, batch_norm=batch_norm).eval()
+    swapped = ConvNet(embedding_dim=3, batch_norm=batch_norm, pool_first=True).eval()
+    for m in plain.features:
+        if isinstance(m, torch.nn.PReLU):
+            m.weight.data.fill_(0.3)
+    # same modules with each conv block's PReLU and MaxPool swapped: move the slopes across
+    prelu_at = [i for i, m in enumerate(plain.features) if isinstance(m, torch.nn.PReLU)]
+    swapped_at = [i for i, m in enumerate(swapped.features) if isinstance(m, torch.nn.PReLU)]
+    assert [j - i for i, j in zip(prelu_at, swapped_at, strict=True)] == [1, 1]
+    state = dict(plain.state_dict())
+    for i, j in zip(prelu_at, swapped_at, strict=True):
+        state[f"features.{j}.weight"] = state.pop(f"features.{i}.weight")
+    swapped.load_state_dict(state)
+    x = torch.rand(6, 1, 28, 28)
+    assert torch.allclose(plain(x), swapped(x), atol=1e-5)
+    plain.features[prelu_at[0]].weight.data.fill_(-0.5)  # a negative slope: not the same
+    swapped.features[swapped_at[0]].weight.data.fill_(-0.5)
+    assert not torch.allclose(plain(x), swapped(x), atol=1e-3)
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_presets_compose_and_fit(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
