@@ -44,6 +44,7 @@ PREVIOUS = ["experiment=contrastive"]
 TRIPLET = ["experiment=triplet_hard"]
 T8 = [*TRIPLET, "trainer.max_epochs=8"]
 T8C = [*T8, "scheduler=cosine_steps"]
+BN_PF = [*T8C, "model=convnet_bn", "model.channels=[32,64]", "augment=affine"]
 
 # name -> (overrides, what the arm changes). Every arm names its whole recipe, so the table
 # does not depend on what `dmlrun` alone does; "default" is exactly the shipped `dmlrun`.
@@ -92,7 +93,32 @@ ARMS: dict[str, tuple[list[str], str]] = {
                                         "scheduler=cosine_steps", "augment=affine"],
                                        "contrastive_8_cos_steps with random affine "
                                        "augmentation"),
-    "default": ([], "the shipped `dmlrun`"),
+    # with model=convnet_bn's BatchNorm and max-pooling before each conv block's PReLU (the
+    # same function, faster; dmlrun/models/convnet.py), first at the plain convnet's width
+    "bn_pf_affine_8": (BN_PF, "triplet_hard_8_cos_steps_bn_affine with max-pooling before "
+                              "each PReLU (model=convnet_bn at 32 and 64 channels)"),
+    "bn_pf_affine_6": ([*BN_PF, "trainer.max_epochs=6"], "bn_pf_affine_8, 6 epochs"),
+    "bn_pf_affine_7": ([*BN_PF, "trainer.max_epochs=7"], "bn_pf_affine_8, 7 epochs"),
+    "bn_pf_affine_8_wd": ([*BN_PF, "optimizer.weight_decay=5e-4"],
+                          "bn_pf_affine_8, L2 weight decay 5e-4"),
+    "bn_pf_affine_8_lr6e-3": ([*BN_PF, "optimizer.lr=6e-3"], "bn_pf_affine_8 at lr 6e-3"),
+    "bn_pf_elastic_8": ([*BN_PF, "augment=elastic"],
+                        "bn_pf_affine_8 with an elastic distortion on top of the warp"),
+    "bn_pf_affine_8_ch16": ([*BN_PF, "model.channels=[16,32]"],
+                            "bn_pf_affine_8 with 16- and 32-channel conv blocks (half the "
+                            "time per step)"),
+    "bn_pf_affine_16_ch16": ([*BN_PF, "model.channels=[16,32]", "trainer.max_epochs=16"],
+                             "bn_pf_affine_8_ch16, 16 epochs"),
+    "default": ([], "the shipped `dmlrun`: bn_pf_affine_8_ch16 for 12 epochs"),
+    "default_soft": (["loss.soft=true", "loss.margin=0"],
+                     "the default with the soft margin softplus(d_ap - d_an) (Hermans et al. "
+                     "2017)"),
+    "default_10x12": (["sampler.k=12"], "the default on 10 x 12 batches (same images, twice "
+                                        "the steps)"),
+    "default_elastic": (["augment=elastic"], "the default with an elastic distortion on top "
+                                             "of the warp"),
+    "default_elastic_16": (["augment=elastic", "trainer.max_epochs=16"],
+                           "default_elastic, 16 epochs"),
 }
 CHOSEN_SEEDS = [0, 1, 2]
 

@@ -226,17 +226,20 @@ def test_triplet_with_hard_miner_gets_its_specialisation():
 
 
 def test_the_default_recipe_and_the_previous_one_an_override_away():
-    """`dmlrun` alone: experiment=default (hard triplets, 8 epochs, per-step cosine,
-    BatchNorm, affine augmentation); experiment=contrastive: the previous default
+    """`dmlrun` alone: experiment=default (hard triplets, 12 epochs, per-step cosine,
+    BatchNorm with pooling first in 16- and 32-channel blocks, affine augmentation);
+    experiment=contrastive: the previous default
     (contrastive on batch-hard pairs, 4 epochs, the cosine stepped per epoch); any other
     experiment replaces the default whole."""
     cfg = compose_cfg([])
     assert cfg.loss._target_.endswith("TripletLoss") and cfg.miner.pool_k == 2
-    assert cfg.trainer.max_epochs == 8 and cfg.scheduler.anneal == "cosine"
+    assert cfg.trainer.max_epochs == 12 and cfg.scheduler.anneal == "cosine"
+    assert list(cfg.model.channels) == [16, 32] and cfg.model.pool_first is True
     assert "_target_" not in cfg.scheduler and cfg.optimizer.lr == 3e-3
     assert cfg.model.batch_norm is True and cfg.augment._target_.endswith("RandomAffine")
     old = compose_cfg(["experiment=contrastive"])
     assert old.model.batch_norm is False and "_target_" not in old.augment
+    assert old.model.pool_first is False and list(old.model.channels) == [32, 64]
     assert old.loss._target_.endswith("ContrastiveLoss") and old.miner.pool_k is None
     assert old.trainer.max_epochs == 4 and old.scheduler.T_max == 4
     assert old.optimizer.lr == 1e-3 and old.trainer.warmup_epochs == 0
