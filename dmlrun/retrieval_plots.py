@@ -81,7 +81,8 @@ def gallery(query_images: torch.Tensor, query_labels: torch.Tensor,
 def distance_histograms(sample: DistanceSample, path: str | Path, title: str,
                         margin: float | None = None) -> Path:
     """Histograms of same-class and different-class pair distances, the loss margin as a
-    vertical line when there is one, and their overlap in the legend."""
+    vertical line when there is one (a margin of 0, e.g. the soft margin's, draws none),
+    and their overlap in the legend."""
     fig, ax = plt.subplots(figsize=(7, 4))
     both = torch.cat([sample.same, sample.different])
     bins = torch.linspace(float(both.min()), float(both.max()), 81).tolist() \
@@ -90,7 +91,7 @@ def distance_histograms(sample: DistanceSample, path: str | Path, title: str,
             label=f"same class ({len(sample.same)} pairs)")
     ax.hist(sample.different.numpy(), bins=bins, density=True, alpha=0.55, color="tab:orange",
             label=f"different class ({len(sample.different)} pairs)")
-    if margin is not None:
+    if margin:
         ax.axvline(margin, color="black", ls="--", lw=1.2, label=f"loss margin {margin:g}")
     ax.plot([], [], " ", label=f"overlap {sample.overlap:.3f} (0 = separable)")
     ax.set_xlabel("distance")

@@ -226,8 +226,9 @@ def test_triplet_with_hard_miner_gets_its_specialisation():
 
 
 def test_the_default_recipe_and_the_previous_one_an_override_away():
-    """`dmlrun` alone: experiment=default (hard triplets, 12 epochs, per-step cosine,
-    BatchNorm with pooling first in 16- and 32-channel blocks, affine augmentation);
+    """`dmlrun` alone: experiment=default (hard triplets with the soft margin, 12 epochs,
+    per-step cosine, BatchNorm with pooling first in 16- and 32-channel blocks, affine
+    augmentation);
     experiment=contrastive: the previous default
     (contrastive on batch-hard pairs, 4 epochs, the cosine stepped per epoch); any other
     experiment replaces the default whole."""
@@ -235,6 +236,7 @@ def test_the_default_recipe_and_the_previous_one_an_override_away():
     assert cfg.loss._target_.endswith("TripletLoss") and cfg.miner.pool_k == 2
     assert cfg.trainer.max_epochs == 12 and cfg.scheduler.anneal == "cosine"
     assert list(cfg.model.channels) == [16, 32] and cfg.model.pool_first is True
+    assert cfg.loss.soft is True and cfg.loss.margin == 0
     assert "_target_" not in cfg.scheduler and cfg.optimizer.lr == 3e-3
     assert cfg.model.batch_norm is True and cfg.augment._target_.endswith("RandomAffine")
     old = compose_cfg(["experiment=contrastive"])
