@@ -191,6 +191,7 @@ def build_partial(node: DictConfig, what: str, *args: Any) -> Any:
 def build_components(cfg: DictConfig) -> Components:
     """Loss, miner and sampler from config, checked for compatibility."""
     loss = adopt_loss(build(cfg.loss, f"loss={choice(cfg, 'loss')}"), choice(cfg, "loss"))
+    _check_soft_margin(cfg)
     miner = adopt_miner(build(cfg.miner, f"miner={choice(cfg, 'miner')}"),
                         choice(cfg, "miner")) if has_target(cfg.miner) else None
     sampler = build(cfg.sampler, f"sampler={choice(cfg, 'sampler')}")
@@ -280,6 +281,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _check_soft_margin(cfg: DictConfig) -> None:
+    """A triplet miner that picks triplets inside a margin it reads from loss.margin
+    (semihard, batch_all) has no window when the loss has a soft margin (loss.margin=0,
+    e.g. loss=triplet_soft)."""
+    if cfg.loss.get("soft") and has_target(cfg.miner) and cfg.miner.get("margin") == 0:
+        miner, loss = choice(cfg, "miner"), choice(cfg, "loss")
+        raise ConfigError(
+            f"miner={miner} picks tuples within miner.margin, which it takes from "
+            f"loss.margin, and loss={loss} has a soft margin (loss.margin=0): set "
+            f"miner.margin=<distance>, or use loss=triplet (the hinge, margin 1)")
 
 
 def _check_distance(loss: MetricLoss, loss_name: str, distance_name: str) -> None:

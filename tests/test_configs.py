@@ -34,6 +34,8 @@ def options(group: str) -> list[str]:
 
 # options that only build with a particular setting beside them
 NEEDS = {"distance_weighted": ["distance.normalize=true"],
+         # margin-window miners need a loss with a margin (the default's is soft)
+         "semihard": ["loss=triplet"], "batch_all": ["loss=triplet"],
          # RGB backbones: an RGB dataset, and no pretrained file to read
          "resnet18": ["dataset=cub200", "model.weights=null"],
          "resnet50": ["dataset=cub200", "model.weights=null"],
@@ -195,6 +197,14 @@ def test_similarity_losses_name_the_distance_they_need():
     build_components(compose_cfg(["loss=multi_similarity", "miner=none", "distance=cosine"]))
 
 
+@pytest.mark.parametrize("miner", ["semihard", "batch_all"])
+def test_margin_window_miners_with_the_soft_margin_are_refused(miner):
+    with pytest.raises(ConfigError, match=r"picks tuples within miner\.margin, .*soft margin"):
+        build_components(compose_cfg([f"miner={miner}"]))  # the default loss: triplet_soft
+    build_components(compose_cfg([f"miner={miner}", "loss=triplet"]))
+    build_components(compose_cfg([f"miner={miner}", "miner.margin=0.3"]))
+
+
 def test_margins_past_the_distance_range_are_refused():
     with pytest.raises(ConfigError, match=r"loss.margin=2.5 can never be met.*at most 2"):
         build_components(compose_cfg(["loss=triplet", "miner=semihard", "distance=cosine",
@@ -206,6 +216,17 @@ def test_margins_past_the_distance_range_are_refused():
 
 def test_every_loss_has_a_recipe():
     assert set(options("loss")) <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("group", ["loss", "model", "miner", "augment", "scheduler"])
+def test_the_default_recipe_leaves_no_setting_behind_when_a_group_changes(group):
+    """experiment=default sets its choices through group options, not keys under a group:
+    `dmlrun loss=<any>` (or model=, ...) gets that option's own settings, nothing the
+    default's choice needed (a key the other option's class does not take)."""
+    for name in options(group):
+        cfg = compose_cfg([f"{group}={name}"])
+        alone = compose_cfg([f"{group}={name}", "experiment=contrastive"])
+        assert set(cfg[group] or {}) <= set(alone[group] or {}), (group, name)
 
 
 def test_triplet_with_hard_miner_gets_its_specialisation():
