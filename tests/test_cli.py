@@ -42,7 +42,7 @@ def test_run_folder_has_every_file(finished_run):
         # in its pool (240 of the 10 x 25 in pools of 2 per class, all 250 in the whole batch)
         assert 240 <= rec["mined_per_step"] <= 250
     summary = json.loads((d / "summary.json").read_text())
-    assert summary["choices"]["loss"] == "triplet" and summary["choices"]["miner"] == "hard"
+    assert summary["choices"]["loss"] == "triplet_soft" and summary["choices"]["miner"] == "hard"
     assert summary["best_epoch"] in (1, 2)
     assert 0.0 <= summary["test"]["precision_at_1"] <= 1.0
     assert summary["val"]["precision_at_1"] == max(x["val_precision_at_1"] for x in lines)
