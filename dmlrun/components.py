@@ -191,6 +191,8 @@ def build_partial(node: DictConfig, what: str, *args: Any) -> Any:
 def build_components(cfg: DictConfig) -> Components:
     """Loss, miner and sampler from config, checked for compatibility."""
     loss = adopt_loss(build(cfg.loss, f"loss={choice(cfg, 'loss')}"), choice(cfg, "loss"))
+    if has_target(cfg.get("class_loss")):
+        loss = build_partial(cfg.class_loss, f"class_loss={choice(cfg, 'class_loss')}", loss)
     _check_soft_margin(cfg)
     miner = adopt_miner(build(cfg.miner, f"miner={choice(cfg, 'miner')}"),
                         choice(cfg, "miner")) if has_target(cfg.miner) else None
