@@ -85,8 +85,9 @@ def write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_st
                    extra: dict[str, Any], wall: float) -> dict[str, Any]:
     s, ranks, device, data = ctx.parts.settings, ctx.ranks, ctx.device, ctx.data
     best = recorder.best
-    log.info("best epoch %d (val %s %.4f); test P@1 %.4f, MAP@R %.4f", best["epoch"],
-             recorder.monitor, best["value"], test["precision_at_1"], test["map_at_r"])
+    log.info("%s epoch %d (val %s %.4f); test P@1 %.4f, MAP@R %.4f", recorder.select,
+             best["epoch"], recorder.monitor, best["value"], test["precision_at_1"],
+             test["map_at_r"])
     log.info("test metrics:\n%s", format_table({"trained": test, **baselines}))
     train_seconds = sum(h["train_seconds"] for h in history)
     summary = {
@@ -100,6 +101,7 @@ def write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_st
         "epochs": len(history),
         "best_epoch": best["epoch"],
         "monitor": recorder.monitor,
+        "select": recorder.select,
         "val": {k[4:]: v for k, v in best_state["metrics"].items() if k.startswith("val_")},
         "test": test,
         "baselines": baselines,

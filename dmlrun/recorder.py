@@ -3,7 +3,8 @@
 epoch so far.
 
     run_dir/checkpoints/last.pt   every epoch: the training state + the best epoch so far
-    run_dir/checkpoints/best.pt   the epoch with the best validation ``monitor``
+    run_dir/checkpoints/best.pt   the epoch with the best validation ``monitor`` (with
+                                  ``select="last"``: the last epoch with a finite one)
     run_dir/metrics.jsonl         one record per epoch
     run_dir/steps.jsonl           one line per training step (``train.STEP_FIELDS``)
 """
@@ -11,6 +12,7 @@ epoch so far.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from dmlrun.train import STEP_FIELDS
 # Settings a resumed run may change: where files go and how the loop runs, not what trains.
 CONFIG_KEYS_FREE_ON_RESUME = ("trainer", "paths", "hydra")
 # ... except these trainer settings, which change the result.
-TRAINER_KEYS_FIXED_ON_RESUME = ("max_epochs", "channels_last", "amp")
+TRAINER_KEYS_FIXED_ON_RESUME = ("max_epochs", "channels_last", "amp", "select")
 
 
 @dataclass
@@ -125,12 +127,14 @@ class Recorder:
     """Writes a run folder epoch by epoch and reads it back on resume. Only the main
     process writes; every process restores its training state."""
 
-    def __init__(self, run_dir: Path, monitor: str, config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, monitor: str, config: dict[str, Any],
+                 select: str = "best") -> None:
         self.dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.metrics_path = run_dir / "metrics.jsonl"
         self.steps_path = run_dir / "steps.jsonl"
         self.monitor = monitor
+        self.select = select
         self.config = config  # the resolved config, stored in every checkpoint
         self.best = {"epoch": 0, "value": float("-inf")}
         # mean different-class distance at the run's first step: the collapse reference
@@ -146,15 +150,17 @@ class Recorder:
         return rows
 
     def save(self, record: dict[str, Any], training: TrainingState) -> bool:
-        """Checkpoint the epoch (best.pt when it improves the monitored metric, last.pt
-        always) and append its record to metrics.jsonl. Returns True for a new best."""
+        """Checkpoint the epoch (best.pt when it improves the monitored metric, or with
+        ``select="last"`` whenever that is finite; last.pt always) and append its record
+        to metrics.jsonl. Returns True for a new best."""
         if self.first_neg_distance is None:
             self.first_neg_distance = record["first_neg_distance"]
         state = {"epoch": record["epoch"], **training.state_dict(), "config": self.config,
                  "metrics": record}
-        improved = record[f"val_{self.monitor}"] > self.best["value"]
+        value = record[f"val_{self.monitor}"]
+        improved = value > self.best["value"] or (self.select == "last" and math.isfinite(value))
         if improved:
-            self.best.update(epoch=record["epoch"], value=record[f"val_{self.monitor}"])
+            self.best.update(epoch=record["epoch"], value=value)
             checkpoint.save_checkpoint(self.ckpt_dir / "best.pt", state)
         checkpoint.save_checkpoint(self.ckpt_dir / "last.pt", {**state, "best": dict(self.best)})
         with open(self.metrics_path, "a") as f:

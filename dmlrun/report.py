@@ -135,8 +135,9 @@ def write_run_report(run_dir: str | Path) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text())
     config = run_dir / ".hydra" / "config.yaml"
     choices = summary.get("choices", {})
-    facts = [["best epoch", f"{summary.get('best_epoch')} of {summary.get('epochs')} "
-                            f"(by val {summary.get('monitor')})"],
+    how = "the last" if summary.get("select") == "last" else \
+        f"by val {summary.get('monitor')}"
+    facts = [["tested epoch", f"{summary.get('best_epoch')} of {summary.get('epochs')} ({how})"],
              ["embedding size", summary.get("embedding_dim")],
              ["classes in training / test", f"{len(summary.get('train_classes', []))} / "
                                             f"{len(summary.get('test_classes', []))}"],

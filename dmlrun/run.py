@@ -123,7 +123,8 @@ def _run(cfg: DictConfig, run_dir: Path, t_start: float, ranks: Ranks, device: t
     training = TrainingState(parts.model, parts.loss, parts.optimizer, parts.scheduler,
                              torch.Generator().manual_seed(s.seed), parts.task,
                              WeightAverage(parts.model, decay) if decay else None)
-    recorder = Recorder(run_dir, s.trainer.monitor, OmegaConf.to_container(cfg, resolve=True))
+    recorder = Recorder(run_dir, s.trainer.monitor, OmegaConf.to_container(cfg, resolve=True),
+                        s.trainer.select)
     baselines = evaluator.baselines(ctx.data.test) if s.evaluation.baselines and ranks.main \
         else {}
     start, done = 1, []

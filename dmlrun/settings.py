@@ -65,6 +65,7 @@ class TrainerSettings:
     progress_bar: bool | None = setting()
     eval_batch_size: int = setting(minimum=1)
     monitor: str = setting(choices=METRIC_NAMES)
+    select: str = setting(choices=("best", "last"))
     epoch_plots: bool = setting()
     channels_last: bool = setting()
     compile: str | bool | None = setting(choices=COMPILE_MODES)

@@ -138,3 +138,23 @@ def test_a_checkpoint_with_averaged_weights_resumes_the_trained_ones():
                                                    strict=True))
     assert all(torch.equal(a, b) for a, b in zip(resumed.ema.average, average, strict=True))
     assert resumed.ema.updates == 5
+
+
+@pytest.mark.parametrize("select, tested", [("best", 1), ("last", 3)])
+def test_select_last_tests_the_last_finite_epoch_and_best_the_best_one(tmp_path, select,
+                                                                        tested):
+    from dmlrun.recorder import Recorder
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    training = TrainingState(model, torch.nn.Identity(), opt, None, torch.Generator())
+    (tmp_path / "checkpoints").mkdir()
+    recorder = Recorder(tmp_path, "precision_at_1", {}, select)
+    for epoch, value in enumerate([0.9, 0.5, 0.7, float("nan")], 1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        recorder.save({"epoch": epoch, "val_precision_at_1": value,
+                       "first_neg_distance": 1.0}, training)
+    assert recorder.best["epoch"] == tested
+    state = recorder.best_state(torch.device("cpu"))
+    assert state["epoch"] == tested and float(state["model"]["weight"][0, 0]) == tested
