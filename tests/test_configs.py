@@ -266,5 +266,11 @@ def test_the_default_recipe_and_the_previous_one_an_override_away():
     assert old.trainer.max_epochs == 4 and old.scheduler.T_max == 4
     assert old.optimizer.lr == 1e-3 and old.trainer.warmup_epochs == 0
     semi = compose_cfg(["experiment=semi_propagation"])
-    assert semi.loss._target_.endswith("ContrastiveLoss") and "anneal" not in semi.scheduler
+    assert semi.loss._target_.endswith("TripletLoss") and semi.loss.soft is True
+    assert semi.scheduler.anneal == "cosine" and semi.model.batch_norm is True
+    assert semi.trainer.max_epochs == 30 and semi.trainer.select == "last"
+    semi64 = compose_cfg(["experiment=semi_propagation_64d"])
+    assert semi64.loss._target_.endswith("ContrastiveLoss") and semi64.model.embedding_dim == 64
+    assert semi64.semi.method.keep_fraction == 0.9 and semi64.trainer.select == "last"
+    assert "soft" not in semi64.loss and semi64.optimizer.lr == 1e-3
 
