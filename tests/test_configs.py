@@ -271,6 +271,7 @@ def test_the_default_recipe_and_the_previous_one_an_override_away():
     assert semi.trainer.max_epochs == 30 and semi.trainer.select == "last"
     semi64 = compose_cfg(["experiment=semi_propagation_64d"])
     assert semi64.loss._target_.endswith("ContrastiveLoss") and semi64.model.embedding_dim == 64
-    assert semi64.semi.method.keep_fraction == 0.9 and semi64.trainer.select == "last"
+    assert semi64.model.batch_norm is False and semi64.trainer.max_epochs == 10
+    assert semi64.trainer.select == "best" and semi64.semi.refresh_every == 2
     assert "soft" not in semi64.loss and semi64.optimizer.lr == 1e-3
 
