@@ -3,8 +3,8 @@
 # one markdown table (scripts/semi_table.py). Every arm but "preset" has the same steps
 # (10 epochs of 100), the same labeled training images per seed (10 per class) and the
 # same labeled validation split (10 per class) for model selection; "preset" is the
-# shipped experiment=semi_propagation (30 epochs). semi_propagation_64d is the
-# 1,000-step semi_propagation arm in 64-D.
+# shipped experiment=semi_propagation (30 epochs); the semi_propagation arms run its
+# 1,000-step recipe (experiment=semi_propagation_1k, which semi_propagation_64d is in 64-D).
 #
 #   bash scripts/semi_arms.sh OUT_DIR [PARALLEL_RUNS] [DIMS] [SEEDS]
 #   e.g. bash scripts/semi_arms.sh runs/semi 2 "2 64" "0 1 2"
@@ -16,15 +16,11 @@ parallel=${2:-1}
 dims=${3:-"2 64"}
 seeds=${4:-"0 1 2"}
 python=${PYTHON:-python}
-# The 1,000-step recipe every arm below is compared at (docs/results.md's table): the
-# 2-D preset as it was before it took the default's recipe for 3,000 steps (and the 64-D
-# preset as it still is).
-short="loss=contrastive model=convnet scheduler=cosine trainer.max_epochs=10 semi.refresh_every=2 trainer.select=best semi.method.keep_fraction=1.0"
 arms=(  # the semi-supervised methods first, should a call be cut short
   "preset experiment=semi_propagation"  # the 2-D preset as shipped, also run in 64-D
-  "semi_propagation experiment=semi_propagation $short"
+  "semi_propagation experiment=semi_propagation_1k"  # the 1,000-step recipe
   "semi_views experiment=semi_views"
-  "semi_propagation_weighted experiment=semi_propagation semi.method.weights=true $short"
+  "semi_propagation_weighted experiment=semi_propagation_1k semi.method.weights=true"
   "labeled_only experiment=labeled_only"
   "labeled_only_aug experiment=labeled_only augment=affine"
   "supervised_same_budget experiment=supervised_same_budget"

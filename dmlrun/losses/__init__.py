@@ -9,6 +9,7 @@ take from a miner) and ``distances`` (the distances its formula is meant for), t
 """
 
 from dmlrun.losses.base import LossOutput, MetricLoss, PairLoss, TripletFamilyLoss
+from dmlrun.losses.combined import WithAuxiliaryLoss
 from dmlrun.losses.contrastive import ContrastiveLoss
 from dmlrun.losses.lifted import LiftedStructureLoss
 from dmlrun.losses.lmnn import LMNNLoss
@@ -24,5 +25,5 @@ __all__ = [
     "ArcFaceLoss", "ContrastiveLoss", "CosFaceLoss", "LMNNLoss", "LiftedStructureLoss",
     "LossOutput", "MarginLoss", "MetricLoss", "MultiSimilarityLoss", "NPairsLoss",
     "NTXentLoss", "PairLoss", "ProxyAnchorLoss", "ProxyLoss", "ProxyNCALoss", "SupConLoss",
-    "TripletFamilyLoss", "TripletLoss",
+    "TripletFamilyLoss", "TripletLoss", "WithAuxiliaryLoss",
 ]
