@@ -1,0 +1,45 @@
+"""scripts/probe_layers.py: each stage's features and the fresh 2-D head."""
+
+import importlib.util
+
+import torch
+
+from dmlrun.models.convnet import ConvNet
+from tests.conftest import REPO
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("probe_layers",
+                                                  REPO / "scripts" / "probe_layers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stages_have_their_widths_and_the_last_is_the_embedding():
+    probe = load_script()
+    torch.manual_seed(0)
+    model = ConvNet(embedding_dim=3, channels=(4, 8), hidden_dim=16, batch_norm=True,
+                    pool_first=True).eval()
+    images = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
+    out = probe.stage_outputs(model, images, batch=4)  # three chunks
+    assert list(out) == ["conv", "hidden1", "hidden2", "embedding"]
+    assert [v.shape for v in out.values()] == [(10, 8 * 4 * 4), (10, 16), (10, 16), (10, 3)]
+    with torch.no_grad():
+        assert torch.allclose(out["embedding"], model(images.float() / 255), atol=1e-6)
+        assert torch.allclose(out["hidden2"] @ model.head[-1].weight.T + model.head[-1].bias,
+                              out["embedding"], atol=1e-5)
+
+
+def test_fresh_head_separates_separable_features():
+    probe = load_script()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(100)
+    centres = torch.randn(4, 16, generator=g) * 3
+    feats = centres[labels] + 0.5 * torch.randn(400, 16, generator=g)
+    head = probe.train_head(feats, labels, seed=0, steps=150, p=4, k=10)
+    with torch.no_grad():
+        emb = head(feats)
+    assert emb.shape == (400, 2)
+    d = torch.cdist(emb, emb).fill_diagonal_(float("inf"))
+    assert (labels[d.argmin(1)] == labels).float().mean() > 0.95
