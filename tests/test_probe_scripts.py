@@ -1,16 +1,17 @@
-"""scripts/probe_layers.py: each stage's features and the fresh 2-D head."""
+"""scripts/probe_layers.py (each stage's features, the fresh 2-D head) and
+scripts/probe_pseudo_labels.py (held-out rows, propagation accuracy)."""
 
 import importlib.util
 
+import pytest
 import torch
 
 from dmlrun.models.convnet import ConvNet
 from tests.conftest import REPO
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("probe_layers",
-                                                  REPO / "scripts" / "probe_layers.py")
+def load_script(name: str = "probe_layers"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,3 +44,26 @@ def test_fresh_head_separates_separable_features():
     assert emb.shape == (400, 2)
     d = torch.cdist(emb, emb).fill_diagonal_(float("inf"))
     assert (labels[d.argmin(1)] == labels).float().mean() > 0.95
+
+
+def test_rows_within_finds_an_ordered_subset_and_refuses_others():
+    probe = load_script("probe_pseudo_labels")
+    whole = torch.arange(40).view(10, 2, 2)
+    whole[7] = whole[3]  # a repeated row: the subset's order decides
+    picks = torch.tensor([1, 3, 4, 7, 9])
+    assert probe.rows_within(whole[picks], whole).tolist() == picks.tolist()
+    with pytest.raises(SystemExit):
+        probe.rows_within(whole[[4, 1]], whole)  # not in the whole's order
+
+
+def test_pseudo_accuracy_counts_only_unlabeled_rows():
+    probe = load_script("probe_pseudo_labels")
+    g = torch.Generator().manual_seed(0)
+    truth = torch.arange(3).repeat_interleave(50)
+    feats = torch.eye(3)[truth] * 5 + 0.1 * torch.randn(150, 3, generator=g)
+    labeled = torch.tensor([0, 50, 100])
+    assert probe.pseudo_accuracy(feats, truth, labeled, 3, pca_dims=None) == 1.0
+    wrong = truth.clone()
+    wrong[1] = 2  # a hidden label the graph cannot match: 1 of 147 unlabeled rows
+    acc = probe.pseudo_accuracy(feats, wrong, labeled, 3, pca_dims=None)
+    assert acc == pytest.approx(146 / 147)
