@@ -25,6 +25,7 @@ from torch import nn
 
 from dmlrun.data.dataset import images_to_float
 from dmlrun.embedder import RunEmbedding
+from dmlrun.errors import UserError
 from dmlrun.evaluate_cli import load_dataset
 from dmlrun.losses.triplet import TripletLoss
 from dmlrun.metrics import retrieval_metrics
@@ -110,4 +111,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # a missing run, checkpoint or data: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None

@@ -35,6 +35,7 @@ from dmlrun.augment import RandomAffine
 from dmlrun.checkpoint import resolve_checkpoint
 from dmlrun.data.dataset import images_to_float
 from dmlrun.embedder import RunEmbedding
+from dmlrun.errors import UserError
 from dmlrun.evaluate_cli import load_dataset
 from dmlrun.metrics import retrieval_metrics
 from dmlrun.semi.labels import LabelPropagation
@@ -137,4 +138,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # a missing run, checkpoint or data: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
