@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dmlrun.data.dataset import images_to_float
@@ -40,23 +41,19 @@ def stage_outputs(model: ConvNet, images: torch.Tensor, batch: int = 4096
                   ) -> dict[str, torch.Tensor]:
     """(N, D_stage) features of ``images`` (N, C, H, W) uint8 at each stage: ``conv``, then
     ``hidden1``, ``hidden2``, ... (after each hidden layer's activation), ``embedding``."""
-    names: list[str] = []
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images), batch):
         x = images_to_float(images[start:start + batch])
         z = model.features((x - model.mean) / model.std).flatten(1)
         outs = [("conv", z)]
-        hidden = 0
         for layer in list(model.head)[1:]:  # the Flatten is done
             z = layer(z)
             if isinstance(layer, nn.PReLU):
-                hidden += 1
-                outs.append((f"hidden{hidden}", z))
-        outs.append(("embedding", model(x)))
+                outs.append((f"hidden{len(outs)}", z))
+        outs.append(("embedding", F.normalize(z, dim=1) if model.l2_normalize else z))
         for name, value in outs:
             parts.setdefault(name, []).append(value)
-        names = [n for n, _ in outs]
-    return {n: torch.cat(parts[n]) for n in names}
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 def train_head(features: torch.Tensor, labels: torch.Tensor, seed: int, steps: int = 3000,
