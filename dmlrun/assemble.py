@@ -146,7 +146,7 @@ def load_data(cfg: DictConfig, names: dict[str, str], parts: Parts,
               device: torch.device) -> TensorDataset:
     """The dataset on ``device``, checked against the sampler and the loss."""
     data = build(cfg.dataset, f"dataset={names['dataset']}",
-                 seed=parts.settings.seed).to(device)
+                 seed=parts.settings.data_seed).to(device)
     train_classes = len(torch.unique(data.train.labels))
     parts.sampler.check(train_classes)
     n_classes = getattr(parts.loss, "num_classes", None)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dmlrun.config  # noqa: F401  (resolvers)
 from dmlrun.errors import EXIT_USER_ERROR, UserError
+from dmlrun.settings import data_seed
 
 SPLITS = ("test", "val", "train")
 
@@ -70,12 +71,17 @@ def _dataset_node(config: dict, overrides: list[str]) -> DictConfig:
         raise UserError(f"bad override in {overrides}: {exc}") from exc
 
 
+def _split_seed(config: dict) -> int:
+    """The seed the run split its data with (``dataset.split_seed``, else its seed)."""
+    return data_seed(int(config.get("seed", 0)), config.get("dataset", {}).get("split_seed"))
+
+
 def load_dataset(config: dict, overrides: list[str]):
     """The run's dataset (``TensorDataset``), or another with ``overrides`` applied, split
-    with the run's seed."""
+    as the run split it."""
     from dmlrun.components import build
 
-    return build(_dataset_node(config, overrides), "dataset", seed=int(config.get("seed", 0)))
+    return build(_dataset_node(config, overrides), "dataset", seed=_split_seed(config))
 
 
 def evaluate_checkpoint(
@@ -98,7 +104,7 @@ def evaluate_checkpoint(
     state = load_checkpoint(ckpt)
     config = state["config"]
     data_config = _dataset_node(config, list(overrides or []))
-    data = build(data_config, "dataset", seed=int(config.get("seed", 0)))
+    data = build(data_config, "dataset", seed=_split_seed(config))
     part = getattr(data, split)
     model = RunEmbedding(ckpt, device)
     emb = model.split(part)

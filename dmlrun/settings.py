@@ -97,6 +97,7 @@ class DatasetSettings:
     train_classes: list[int] | None = setting(optional=True)
     val_classes: list[int] | None = setting(optional=True)
     labeled_per_class: int | None = setting(minimum=2, optional=True)
+    split_seed: int | None = setting(optional=True)
     recall_ks: list[int] | None = setting(optional=True)
 
 
@@ -120,6 +121,16 @@ class Settings:
     dataset: DatasetSettings
     scheduler: SchedulerSettings
     task: Any = None  # the task's own settings (``task.Task.schema``), or None
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data's random splits: ``dataset.split_seed``, else ``seed``."""
+        return data_seed(self.seed, self.dataset.split_seed)
+
+
+def data_seed(seed: int, split_seed: int | None) -> int:
+    """``split_seed`` when set, else the run's ``seed``."""
+    return int(seed if split_seed is None else split_seed)
 
 
 def read_settings(cfg: DictConfig, task_schema: tuple[str, type] | None = None) -> Settings:

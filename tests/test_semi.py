@@ -191,6 +191,65 @@ def test_auto_graph_starts_on_pixels_and_switches_when_the_model_labels_val_bett
         SemiSupervision(truth, labeled, 4, PKSampler(4, 2), LabelPropagation(), graph="umap")
 
 
+def test_a_teachers_graph_is_read_once():
+    truth = torch.arange(4).repeat_interleave(10)
+    labeled = pick_labeled(truth, 2, 0)
+    calls = []
+
+    def features(space):
+        calls.append(space)
+        return truth[:, None] * 4.0 + 0.1 * torch.randn(40, 3, generator=torch.Generator()
+                                                        .manual_seed(0))
+
+    from dmlrun.data.samplers import PKSampler
+
+    semi = SemiSupervision(truth, labeled, 4, PKSampler(4, 2), LabelPropagation(k=3),
+                           warmup_epochs=0, refresh_every=1, p=4, k=2, graph="teachers")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        semi.next_epoch(features, g)
+    assert calls == ["teachers"] and semi.space == "teachers"
+    assert torch.equal(semi.labels, truth) and semi.quality["pseudo_from_pixels"] == 0.0
+
+
+def test_a_student_labels_from_its_teachers_embeddings(tmp_path, data_dir):
+    """Teachers with the student's labeled images (dataset.split_seed) make its graph;
+    a teacher that kept other labels, or no checkpoint, is refused."""
+    base = [*TINY, f"paths.data_dir={data_dir}", "trainer.epoch_plots=false",
+            "evaluation.baselines=false", "semi=propagation", "dataset.labeled_per_class=10",
+            "sampler.k=10", "semi.warmup_epochs=0", "semi.refresh_every=1"]
+    teachers = []
+    for seed in (1, 2):
+        teachers.append(tmp_path / f"teacher{seed}")
+        run(compose_cfg([*base, f"seed={seed}", "dataset.split_seed=7",
+                         "model.embedding_dim=16"]), teachers[-1])
+    picks = [json.loads((t / "labeled_indices.json").read_text()) for t in teachers]
+    assert picks[0] == picks[1] and picks[0]["seed"] == 7
+    from dmlrun.evaluate_cli import evaluate_checkpoint
+
+    # dmlrun-evaluate splits the data as the run did: the same validation images
+    graded = evaluate_checkpoint(teachers[0], split="val", device="cpu")["metrics"]
+    summary = json.loads((teachers[0] / "summary.json").read_text())
+    assert graded["precision_at_1"] == summary["val"]["precision_at_1"]
+    student = [*base, "seed=3", "dataset.split_seed=7", "semi.graph=teachers",
+               f"semi.teachers=[{teachers[0]},{teachers[1]}]"]
+    run(compose_cfg(student), tmp_path / "student")
+    recs = [json.loads(x)
+            for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["pseudo_from_pixels"] == 0.0 for r in recs)
+    assert all(0.5 < r["pseudo_accuracy"] <= 1 for r in recs)
+    assert "the teachers' embeddings" in (tmp_path / "student" / "dmlrun.log").read_text()
+    for bad in ("semi.teachers=null", "semi.graph=auto"):  # one without the other
+        with pytest.raises(ConfigError, match="semi.teachers is read only then"):
+            run(compose_cfg([*student, bad]), tmp_path / "half")
+    with pytest.raises(ConfigError, match="kept the labels of other images"):
+        run(compose_cfg([*student, "dataset.split_seed=8"]), tmp_path / "other_picks")
+    (teachers[1] / "checkpoints" / "best.pt").unlink()
+    (teachers[1] / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(ConfigError, match="no checkpoints/best.pt"):
+        run(compose_cfg(student), tmp_path / "no_checkpoint")
+
+
 def test_knn_indices_match_brute_force():
     from dmlrun.semi import knn_indices
 
@@ -336,7 +395,8 @@ def test_confidence_weights_favour_sure_pseudo_labels():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("semi.graph=umap", "semi.graph must be one of embedding, pixels, auto, got 'umap'"),
+    ("semi.graph=umap",
+     "semi.graph must be one of embedding, pixels, auto, teachers, got 'umap'"),
     ("semi.refresh_every=0", "semi.refresh_every must be >= 1, got 0"),
     ("semi.warmup_epochs=-1", "semi.warmup_epochs must be >= 0, got -1"),
     ("semi.refresh_every=abc", "semi.refresh_every must be an integer or null, got 'abc'"),

@@ -28,7 +28,9 @@ import torch
 from dmlrun.clustering import kmeans
 from dmlrun.data.samplers import Epoch, PKSampler
 
-GRAPH_SPACES = ("embedding", "pixels", "auto")
+GRAPH_SPACES = ("embedding", "pixels", "auto", "teachers")
+# spaces whose features do not change during a run: their pseudo-labels are computed once
+FIXED_SPACES = ("pixels", "teachers")
 FEATURE_LAYERS = ("output", "penultimate", "auto")
 # with semi.features=auto, embeddings narrower than this give way to the layer before
 MIN_GRAPH_DIM = 16
@@ -272,6 +274,7 @@ class SemiSupervision:
     pseudo-label graph with their labels hidden, and the share labelled right measures
     the pseudo-labels honestly. ``graph="auto"`` uses it to choose: raw pixels until the
     model's features label the validation images better (then the features for good).
+    ``graph="teachers"``: always the embeddings of other, trained runs (semi.teachers).
     """
 
     def __init__(self, truth: torch.Tensor, labeled: torch.Tensor, num_classes: int,
@@ -287,9 +290,8 @@ class SemiSupervision:
             raise ValueError("semi.graph=auto compares the graphs on the validation images "
                              "and needs their labels")
         self.graph, self.val_truth = graph, val_truth
-        self.space = "pixels" if graph in ("pixels", "auto") else "embedding"
-        # pixels do not change: their pseudo-labels are computed once
-        self._from_pixels: tuple[PseudoLabels, float] | None = None
+        self.space = {"auto": "pixels"}.get(graph, graph)
+        self._fixed: dict[str, tuple[PseudoLabels, float]] = {}  # FIXED_SPACES' results
         self.note: str | None = None  # the switch, for the log
         self.truth, self.labeled = truth, labeled.to(truth.device)
         self.labels = truth.clone()
@@ -322,8 +324,8 @@ class SemiSupervision:
         """Pseudo-labels of the training images from the graph in ``space``, and the
         share of validation images (graph nodes after the training images, labels
         hidden) it labels right (NaN without validation labels)."""
-        if space == "pixels" and self._from_pixels is not None:
-            return self._from_pixels
+        if space in self._fixed:
+            return self._fixed[space]
         feats = features(space)
         n = len(self.truth)
         pseudo = self.method(feats, self.labeled, self.truth[self.labeled],
@@ -334,8 +336,8 @@ class SemiSupervision:
             right = right.item()
         out = PseudoLabels(pseudo.labels[:n], pseudo.keep[:n],
                            None if pseudo.weight is None else pseudo.weight[:n]), right
-        if space == "pixels":
-            self._from_pixels = out
+        if space in FIXED_SPACES:
+            self._fixed[space] = out
         return out
 
     def _pseudo_labels(self, features) -> tuple[PseudoLabels, float]:
@@ -364,8 +366,8 @@ class SemiSupervision:
                    share=lambda value: value):
         """Draw the next epoch; ``features(space)`` gives (N [+ V], F) features of every
         training image (then every validation image, if ``val_truth`` is given) in
-        ``space`` ("pixels" or "embedding") and is called only when pseudo-labels are
-        refreshed, by the ``main`` process; ``share`` hands its pseudo-labels to every
+        ``space`` ("pixels", "embedding" or "teachers") and is called only when pseudo-labels
+        are refreshed, by the ``main`` process; ``share`` hands its pseudo-labels to every
         process (several processes: a broadcast from rank 0), so all draw the same
         epoch."""
         self.epoch_no += 1

@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from dmlrun import distributed
 from dmlrun.components import build, choice
 from dmlrun.data.dataset import Split
 from dmlrun.data.samplers import Epoch
-from dmlrun.errors import ConfigError
+from dmlrun.embedder import RunEmbedding
+from dmlrun.errors import ConfigError, UserError
 from dmlrun.evaluation import raw_pixels
 from dmlrun.semi.labels import (
     FEATURE_LAYERS,
@@ -53,6 +55,8 @@ class SemiSettings:
     p: int | None = setting(minimum=2, optional=True)
     k: int | None = setting(minimum=2, optional=True)
     views: Any = setting(optional=True)  # ViewsSettings' node, or absent (off)
+    # run folders whose embeddings make the graph with graph=teachers (absent: none)
+    teachers: list[str] | None = setting(optional=True)
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,13 @@ class SemiSupervisedTask(Task):
         s = self.semi
         if s.method is not None:
             for f in fields(SemiSettings):
-                if getattr(s, f.name) is None and f.name != "views":
+                if getattr(s, f.name) is None and f.name not in ("views", "teachers"):
                     raise ConfigError(f"semi.{f.name} has no value and needs one with "
                                       f"semi={self.method_name}")
+        if (s.graph == "teachers") != bool(s.teachers):
+            raise ConfigError("semi.graph=teachers builds the graph from the runs in "
+                              "semi.teachers, and semi.teachers is read only then: set both "
+                              f"(now graph={s.graph}, teachers={s.teachers})")
         self.views = self._views(cfg, world)
         self.layer = feature_layer(s.features or "output",
                                    int(cfg.model.get("embedding_dim", MIN_GRAPH_DIM)))
@@ -108,7 +116,7 @@ class SemiSupervisedTask(Task):
         """Hide the training labels but ``labeled_per_class`` per class (the chosen
         indices go to labeled_indices.json) and set up the method."""
         super().start(context)
-        data, seed = context.data, self.settings.seed
+        data, seed = context.data, self.settings.data_seed
         try:
             labeled = pick_labeled(data.train.labels, self.per_class, seed)
         except ValueError as exc:
@@ -118,6 +126,7 @@ class SemiSupervisedTask(Task):
                 json.dump({"seed": seed, "labeled_per_class": self.per_class,
                            "indices": labeled.tolist()}, f)
         s = self.semi
+        self.teachers = [self._teacher(path, labeled) for path in s.teachers or ()]
         method = build(s.method, f"semi={self.method_name}") if s.method is not None else None
         log.info("semi-supervised: %d labeled training images, %d unlabeled; method %s",
                  len(labeled), len(data.train) - len(labeled),
@@ -132,6 +141,27 @@ class SemiSupervisedTask(Task):
         # the loop reads these labels; the refreshes rewrite them in place
         self.split = data.train.with_labels(self.state.labels)
 
+    def _teacher(self, path: str, labeled: torch.Tensor) -> RunEmbedding:
+        """A trained run whose embedding joins the graph; it must have kept the labels of
+        the same images (the same dataset.split_seed), or its embedding has seen labels
+        this run hides."""
+        picks = Path(path) / "labeled_indices.json"
+        if not picks.is_file():
+            raise ConfigError(f"semi.teachers: {picks} not found; a teacher is the folder of "
+                              "a finished semi-supervised run")
+        theirs = json.loads(picks.read_text())["indices"]
+        if theirs != labeled.tolist():
+            raise ConfigError(f"semi.teachers: {path} kept the labels of other images than "
+                              "this run; train the teachers with this run's "
+                              "dataset.labeled_per_class and dataset.split_seed")
+        try:
+            return RunEmbedding(path, device=str(self._device()))
+        except UserError as exc:
+            raise ConfigError(f"semi.teachers: {exc}") from None
+
+    def _device(self) -> torch.device:
+        return next(self.context.model.parameters()).device
+
     def train_split(self) -> Split:
         return self.split
 
@@ -141,6 +171,10 @@ class SemiSupervisedTask(Task):
         data, ctx = self.context.data, self.context
         if space == "pixels":
             return torch.cat([raw_pixels(data.train), raw_pixels(data.val)])
+        if space == "teachers":  # each teacher's unit-length embeddings, side by side
+            return torch.cat([torch.cat([F.normalize(t.split(split), dim=1)
+                                         for t in self.teachers], dim=1)
+                              for split in (data.train, data.val)]).to(self._device())
         read_out = ctx.features if self.layer == "penultimate" else ctx.embed
         return torch.cat([read_out(split) for split in (data.train, data.val)])
 
@@ -162,7 +196,8 @@ class SemiSupervisedTask(Task):
         log.info("epoch %d: pseudo-labels from %s %.1f%% right on the validation images "
                  "(hidden: %.1f%% right on the unlabeled training images); kept %.1f%% of "
                  "them, %.1f%% right", record["epoch"],
-                 "raw pixels" if q["pseudo_from_pixels"] else "the model's features",
+                 {"pixels": "raw pixels", "teachers": "the teachers' embeddings"}.get(
+                     self.state.space, "the model's features"),
                  100 * q["pseudo_val_accuracy"], 100 * q["pseudo_accuracy"],
                  100 * q["pseudo_kept_fraction"], 100 * q["pseudo_kept_accuracy"])
 

@@ -1,0 +1,103 @@
+"""100 labels, 64-D: three teachers and their student, one command per seed.
+
+    python scripts/semi_teachers.py --out outputs/semi_teachers --seeds 0 1 2
+    python scripts/semi_teachers.py --out outputs/semi_teachers --seeds 0 1 2 --write-docs
+
+For each seed S, in a fresh folder --out/s<S>/:
+
+1. teacher_1 .. teacher_N: `dmlrun experiment=semi_propagation_64d seed=<100 k + S>
+   dataset.split_seed=S`, the shipped 64-D preset with other initialisations and
+   batches, and the same validation and labeled images as the student;
+2. student: `dmlrun experiment=semi_teachers_64d seed=S dataset.split_seed=S
+   semi.teachers=[teacher_1,...]`: pseudo-labels from label propagation over the
+   teachers' unit-length embeddings side by side, then the same preset's training.
+
+It prints (and with --write-docs puts in docs/results.md) each seed's teachers' and
+student's test P@1, the share of pseudo-labels right, and the wall time of the whole
+chain: the student's time includes its teachers'. Run it on a quiet machine; the
+thread count is written beside the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ablate_default import write_docs
+
+BEGIN, END = "<!-- semi_teachers: begin -->", "<!-- semi_teachers: end -->"
+
+
+def dmlrun(overrides: list[str], folder: Path) -> float:
+    """Run ``dmlrun`` into ``folder``; its wall time in seconds."""
+    print(f"dmlrun {' '.join(overrides)} -> {folder}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dmlrun", *overrides,
+                           f"hydra.run.dir={folder}", "trainer.progress_bar=false"],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{folder} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def test_p1(folder: Path) -> float:
+    return json.loads((folder / "summary.json").read_text())["test"]["precision_at_1"]
+
+
+def chain(out: Path, seed: int, teachers: int) -> dict:
+    """Train the teachers and the student of one seed; what the table shows."""
+    split = [f"seed={seed}", f"dataset.split_seed={seed}"]
+    folders, seconds = [], 0.0
+    for k in range(1, teachers + 1):
+        folders.append(out / f"teacher_{k}")
+        seconds += dmlrun(["experiment=semi_propagation_64d", f"seed={100 * k + seed}",
+                           f"dataset.split_seed={seed}"], folders[-1])
+    student = out / "student"
+    seconds += dmlrun(["experiment=semi_teachers_64d", *split,
+                       f"semi.teachers=[{','.join(repr(str(f.resolve())) for f in folders)}]"],
+                      student)
+    records = [json.loads(x) for x in (student / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((student / "summary.json").read_text())
+    return {"seed": seed, "teachers": [test_p1(f) for f in folders],
+            "pseudo": records[0]["pseudo_accuracy"], "p_at_1": test_p1(student),
+            "map_at_r": summary["test"]["map_at_r"], "minutes": seconds / 60}
+
+
+def table(rows: list[dict]) -> str:
+    threads = os.environ.get("OMP_NUM_THREADS", f"all {os.cpu_count()} cores")
+    lines = [f"Threads: {threads}; {os.cpu_count()} CPUs visible.", "",
+             "| seed | teachers' test P@1 | pseudo-labels right | student test P@1 | "
+             "student test MAP@R | minutes, teachers and student |", "|---" * 6 + "|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {', '.join(f'{p:.4f}' for p in r['teachers'])} | "
+                     f"{100 * r['pseudo']:.2f}% | {r['p_at_1']:.4f} | {r['map_at_r']:.4f} | "
+                     f"{r['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="a new folder")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--teachers", type=int, default=3)
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write the table into docs/results.md")
+    args = parser.parse_args()
+    if args.teachers < 1:
+        raise SystemExit("--teachers must be >= 1")
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists: the script times fresh runs; use another --out")
+    rows = [chain(args.out / f"s{seed}", seed, args.teachers) for seed in args.seeds]
+    text = table(rows)
+    print(text)
+    if args.write_docs:
+        write_docs(text, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
