@@ -2,12 +2,14 @@
 
     python scripts/semi_teachers.py --out outputs/semi_teachers --seeds 0 1 2
     python scripts/semi_teachers.py --out outputs/semi_teachers --seeds 0 1 2 --write-docs
+    python scripts/semi_teachers.py --out /tmp/t --seeds 0 -- dataset.train_size=5000
 
 For each seed S, in a fresh folder --out/s<S>/:
 
 1. teacher_1 .. teacher_N: `dmlrun experiment=semi_propagation_64d seed=<100 k + S>
    dataset.split_seed=S`, the shipped 64-D preset with other initialisations and
-   batches, and the same validation and labeled images as the student;
+   batches, and the same validation and labeled images as the student (without the
+   baselines and epoch plots);
 2. student: `dmlrun experiment=semi_teachers_64d seed=S dataset.split_seed=S
    semi.teachers=[teacher_1,...]`: pseudo-labels from label propagation over the
    teachers' unit-length embeddings side by side, then the same preset's training.
@@ -15,7 +17,7 @@ For each seed S, in a fresh folder --out/s<S>/:
 It prints (and with --write-docs puts in docs/results.md) each seed's teachers' and
 student's test P@1, the share of pseudo-labels right, and the wall time of the whole
 chain: the student's time includes its teachers'. Run it on a quiet machine; the
-thread count is written beside the table.
+thread count is written beside the table. Overrides after `--` go to every run.
 """
 
 from __future__ import annotations
@@ -49,18 +51,22 @@ def test_p1(folder: Path) -> float:
     return json.loads((folder / "summary.json").read_text())["test"]["precision_at_1"]
 
 
-def chain(out: Path, seed: int, teachers: int) -> dict:
-    """Train the teachers and the student of one seed; what the table shows."""
+def chain(out: Path, seed: int, teachers: int, extra: list[str] | None = None) -> dict:
+    """Train the teachers and the student of one seed (``extra``: overrides for every
+    run); what the table shows."""
+    extra = list(extra or [])
     split = [f"seed={seed}", f"dataset.split_seed={seed}"]
     folders, seconds = [], 0.0
     for k in range(1, teachers + 1):
         folders.append(out / f"teacher_{k}")
+        # a teacher's own baselines and epoch plots serve nobody: off
         seconds += dmlrun(["experiment=semi_propagation_64d", f"seed={100 * k + seed}",
-                           f"dataset.split_seed={seed}"], folders[-1])
+                           f"dataset.split_seed={seed}", "evaluation.baselines=false",
+                           "trainer.epoch_plots=false", *extra], folders[-1])
     student = out / "student"
     seconds += dmlrun(["experiment=semi_teachers_64d", *split,
-                       f"semi.teachers=[{','.join(repr(str(f.resolve())) for f in folders)}]"],
-                      student)
+                       f"semi.teachers=[{','.join(repr(str(f.resolve())) for f in folders)}]",
+                       *extra], student)
     records = [json.loads(x) for x in (student / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((student / "summary.json").read_text())
     return {"seed": seed, "teachers": [test_p1(f) for f in folders],
@@ -87,12 +93,14 @@ def main() -> None:
     parser.add_argument("--teachers", type=int, default=3)
     parser.add_argument("--write-docs", action="store_true",
                         help="write the table into docs/results.md")
+    parser.add_argument("overrides", nargs="*", help="after --: overrides for every run")
     args = parser.parse_args()
     if args.teachers < 1:
         raise SystemExit("--teachers must be >= 1")
     if args.out.exists():
         raise SystemExit(f"{args.out} exists: the script times fresh runs; use another --out")
-    rows = [chain(args.out / f"s{seed}", seed, args.teachers) for seed in args.seeds]
+    rows = [chain(args.out / f"s{seed}", seed, args.teachers, args.overrides)
+            for seed in args.seeds]
     text = table(rows)
     print(text)
     if args.write_docs:

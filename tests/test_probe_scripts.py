@@ -1,5 +1,6 @@
-"""scripts/probe_layers.py (each stage's features, the fresh 2-D head) and
-scripts/probe_pseudo_labels.py (held-out rows, propagation accuracy)."""
+"""scripts/probe_layers.py (each stage's features, the fresh 2-D head),
+scripts/probe_pseudo_labels.py (held-out rows, propagation accuracy) and
+scripts/semi_teachers.py (teachers and their student, one chain)."""
 
 import importlib.util
 
@@ -67,3 +68,28 @@ def test_pseudo_accuracy_counts_only_unlabeled_rows():
     wrong[1] = 2  # a hidden label the graph cannot match: 1 of 147 unlabeled rows
     acc = probe.pseudo_accuracy(feats, wrong, labeled, 3, pca_dims=None)
     assert acc == pytest.approx(146 / 147)
+
+
+def test_semi_teachers_chain_trains_teachers_then_their_student(tmp_path, data_dir,
+                                                                 monkeypatch):
+    import json
+    import sys
+
+    from tests.conftest import TINY
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # its import of ablate_default
+    monkeypatch.setenv("DMLRUN_DATA_DIR", str(data_dir))
+    script = load_script("semi_teachers")
+    tiny = [o for o in TINY if not o.startswith("dataset.val_size")]
+    row = script.chain(tmp_path / "s3", 3, 2, [*tiny, "dataset.val_size=100"])
+    picks = {json.loads((tmp_path / "s3" / name / "labeled_indices.json").read_text())["seed"]
+             for name in ("teacher_1", "teacher_2", "student")}
+    assert picks == {3}  # one split for all three
+    assert row["seed"] == 3 and len(row["teachers"]) == 2 and 0.5 < row["pseudo"] <= 1
+    assert 0 < row["p_at_1"] <= 1 and row["minutes"] > 0
+    assert "the teachers' embeddings" in (tmp_path / "s3" / "student" / "dmlrun.log").read_text()
+    text = script.table([row])
+    assert text.splitlines()[-1].startswith("| 3 | ") and "%" in text.splitlines()[-1]
+    monkeypatch.setattr(sys, "argv", ["semi_teachers.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="exists"):
+        script.main()

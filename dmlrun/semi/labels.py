@@ -273,7 +273,8 @@ class SemiSupervision:
     With ``val_truth`` (the validation labels), the validation images join the
     pseudo-label graph with their labels hidden, and the share labelled right measures
     the pseudo-labels honestly. ``graph="auto"`` uses it to choose: raw pixels until the
-    model's features label the validation images better (then the features for good).
+    model's features label the validation images better (then the features for good;
+    compared from the second epoch on, once the network has trained).
     ``graph="teachers"``: always the embeddings of other, trained runs (semi.teachers).
     """
 
@@ -342,7 +343,9 @@ class SemiSupervision:
 
     def _pseudo_labels(self, features) -> tuple[PseudoLabels, float]:
         pseudo, right = self._label(self.space, features)
-        if self.graph == "auto" and self.space == "pixels":
+        # before any training step (the first refresh with no warm-up) the network is
+        # its random initialisation: not worth an embedding and a kNN graph of every image
+        if self.graph == "auto" and self.space == "pixels" and self.epoch_no > 1:
             learned, learned_right = self._label("embedding", features)
             self.quality["pseudo_val_accuracy_features"] = learned_right
             if learned_right > right:
