@@ -70,6 +70,7 @@ def test_pseudo_accuracy_counts_only_unlabeled_rows():
     assert acc == pytest.approx(146 / 147)
 
 
+@pytest.mark.slow  # three short runs; test_semi.py covers semi.graph=teachers itself
 def test_semi_teachers_chain_trains_teachers_then_their_student(tmp_path, data_dir,
                                                                  monkeypatch):
     import json
