@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import dmlrun.config  # noqa: F401  (resolvers)
 from dmlrun.errors import EXIT_USER_ERROR, UserError
-from dmlrun.settings import data_seed
 
 SPLITS = ("test", "val", "train")
 
@@ -73,6 +72,8 @@ def _dataset_node(config: dict, overrides: list[str]) -> DictConfig:
 
 def _split_seed(config: dict) -> int:
     """The seed the run split its data with (``dataset.split_seed``, else its seed)."""
+    from dmlrun.settings import data_seed
+
     return data_seed(int(config.get("seed", 0)), config.get("dataset", {}).get("split_seed"))
 
 
