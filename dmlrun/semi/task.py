@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from dmlrun import distributed
+from dmlrun.checkpoint import resolve_checkpoint
 from dmlrun.components import build, choice
 from dmlrun.data.dataset import Split
 from dmlrun.data.samplers import Epoch
@@ -141,10 +142,10 @@ class SemiSupervisedTask(Task):
         # the loop reads these labels; the refreshes rewrite them in place
         self.split = data.train.with_labels(self.state.labels)
 
-    def _teacher(self, path: str, labeled: torch.Tensor) -> RunEmbedding:
-        """A trained run whose embedding joins the graph; it must have kept the labels of
-        the same images (the same dataset.split_seed), or its embedding has seen labels
-        this run hides."""
+    def _teacher(self, path: str, labeled: torch.Tensor) -> Path:
+        """The checkpoint of a trained run whose embedding joins the graph; it must have
+        kept the labels of the same images (the same dataset.split_seed), or its embedding
+        has seen labels this run hides. Loaded only to build the graph (once)."""
         picks = Path(path) / "labeled_indices.json"
         if not picks.is_file():
             raise ConfigError(f"semi.teachers: {picks} not found; a teacher is the folder of "
@@ -155,12 +156,9 @@ class SemiSupervisedTask(Task):
                               "this run; train the teachers with this run's "
                               "dataset.labeled_per_class and dataset.split_seed")
         try:
-            return RunEmbedding(path, device=str(self._device()))
+            return resolve_checkpoint(path)
         except UserError as exc:
             raise ConfigError(f"semi.teachers: {exc}") from None
-
-    def _device(self) -> torch.device:
-        return next(self.context.model.parameters()).device
 
     def train_split(self) -> Split:
         return self.split
@@ -172,9 +170,10 @@ class SemiSupervisedTask(Task):
         if space == "pixels":
             return torch.cat([raw_pixels(data.train), raw_pixels(data.val)])
         if space == "teachers":  # each teacher's unit-length embeddings, side by side
-            return torch.cat([torch.cat([F.normalize(t.split(split), dim=1)
-                                         for t in self.teachers], dim=1)
-                              for split in (data.train, data.val)]).to(self._device())
+            device = next(ctx.model.parameters()).device
+            teachers = [RunEmbedding(path, device=str(device)) for path in self.teachers]
+            return torch.cat([torch.cat([F.normalize(t.split(split), dim=1) for t in teachers],
+                                        dim=1) for split in (data.train, data.val)])
         read_out = ctx.features if self.layer == "penultimate" else ctx.embed
         return torch.cat([read_out(split) for split in (data.train, data.val)])
 
