@@ -7,10 +7,9 @@
 For each seed S, in a fresh folder --out/s<S>/:
 
 1. teacher_1 .. teacher_N: `dmlrun experiment=semi_propagation_64d seed=<100 k + S>
-   dataset.split_seed=S semi.refresh_every=3`, the shipped 64-D preset with other
-   initialisations and batches, pseudo-labels refreshed every 3 epochs, and the same
-   validation and labeled images as the student (without the baselines and epoch
-   plots);
+   dataset.split_seed=S`, the shipped 64-D preset with other initialisations and
+   batches and the same validation and labeled images as the student (without the
+   baselines and epoch plots);
 2. student: `dmlrun experiment=semi_teachers_64d seed=S dataset.split_seed=S
    semi.teachers=[teacher_1,...]`: pseudo-labels from label propagation over the
    teachers' unit-length embeddings side by side, then the same preset's training.
@@ -60,11 +59,9 @@ def chain(out: Path, seed: int, teachers: int, extra: list[str] | None = None) -
     folders, seconds = [], 0.0
     for k in range(1, teachers + 1):
         folders.append(out / f"teacher_{k}")
-        # pseudo-labels refreshed every 3 epochs instead of 2 (one refresh, an embedding
-        # and kNN graph of every image, fewer); a teacher's own baselines and epoch plots
-        # serve nobody: off
+        # a teacher's own baselines and epoch plots serve nobody: off
         seconds += dmlrun(["experiment=semi_propagation_64d", f"seed={100 * k + seed}",
-                           f"dataset.split_seed={seed}", "semi.refresh_every=3",
+                           f"dataset.split_seed={seed}",
                            "evaluation.baselines=false", "trainer.epoch_plots=false", *extra],
                           folders[-1])
     student = out / "student"

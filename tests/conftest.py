@@ -14,6 +14,15 @@ import dmlrun  # noqa: F401  (registers resolvers)
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("DMLRUN_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
 
+# With pytest-xdist (pyproject's addopts: one worker per core) the workers share the
+# cores: each worker, and every command it starts, takes its share of threads instead of
+# all of them, so two workers on two cores do not slow each other down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
 # Small, fast settings for end-to-end runs on real MNIST.
 TINY = [
     "dataset.train_size=1500",

@@ -81,12 +81,15 @@ def knn_indices(x: torch.Tensor, ref: torch.Tensor, k: int, exclude_self: bool,
     """(N, k) Euclidean distances and indices of each row's k nearest rows of ``ref``.
 
     Rows are ranked by |r|^2 - 2 x.r (one matrix product per chunk; |x|^2 is the same
-    along a row), and only the k winners get their square root."""
+    along a row), and only the k winners get their square root. Every chunk's product is
+    written into one reused buffer: a fresh (chunk, len(ref)) tensor per chunk (hundreds
+    of MB) costs more in page faults than the product itself."""
     ref_sq = ref.pow(2).sum(1)
     ds, ids = [], []
+    buffer = torch.empty(min(chunk, len(x)), len(ref), device=x.device, dtype=ref_sq.dtype)
     for s in range(0, len(x), chunk):
         part = x[s : s + chunk]
-        d = torch.addmm(ref_sq, part, ref.T, alpha=-2)
+        d = torch.addmm(ref_sq, part, ref.T, alpha=-2, out=buffer[: len(part)])
         if exclude_self:
             rows = torch.arange(s, s + len(part), device=x.device)
             d[rows - s, rows] = float("inf")
