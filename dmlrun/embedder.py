@@ -95,7 +95,7 @@ class RunEmbedding:
         self.model: nn.Module = self.embedder.model
         if trainer.get("channels_last", False) and self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.batch_size = int(trainer.get("eval_batch_size", 2048))
+        self.batch_size = int(trainer.get("eval_batch_size", 256))
         self.amp_dtype = resolve_amp(trainer.get("amp", "auto"), self.device)
         dataset, model = self.config.get("dataset", {}), self.config["model"]
         self.channels = int(model.get("in_channels") or dataset.get("channels", 1))

@@ -90,7 +90,7 @@ class Validation:
 
 
 @torch.no_grad()
-def penultimate_features(model: torch.nn.Module, split: Any, batch_size: int = 2048,
+def penultimate_features(model: torch.nn.Module, split: Any, batch_size: int = 256,
                          amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(N, F) float32 inputs of the model's last linear layer for a split's images: the
     features the embedding is read from."""

@@ -32,7 +32,7 @@ METRIC_NAMES = (*RETRIEVAL_NAMES, "nmi", "ami")
 def embed(
     model: nn.Module,
     images: torch.Tensor,
-    batch_size: int = 2048,
+    batch_size: int = 256,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(N, C, H, W) uint8 images -> (N, D) float32 embeddings, model in eval mode."""
@@ -49,7 +49,7 @@ def embed(
 
 
 def embed_split(
-    model: nn.Module, split, batch_size: int = 2048, amp_dtype: torch.dtype | None = None,
+    model: nn.Module, split, batch_size: int = 256, amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(N, D) float32 embeddings of a split's images (a ``Split`` in memory or a
     ``FileSplit`` read from files), ``batch_size`` at a time, model in eval mode."""

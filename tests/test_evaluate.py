@@ -395,3 +395,22 @@ def test_the_symmetric_search_for_small_classes_equals_the_row_search(distance, 
         want = brute_force(emb, labels, emb, labels, loo=True)
         for k, v in want.items():
             assert got[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_embeddings_do_not_depend_on_the_evaluation_batch():
+    """trainer.eval_batch_size only sets how many images go through at once: with the
+    model in eval mode (BatchNorm on its running statistics) each image's embedding is the
+    same whatever else is in its batch."""
+    from dmlrun.data.dataset import Split
+    from dmlrun.metrics import embed_split
+    from dmlrun.models.convnet import ConvNet
+
+    g = torch.Generator().manual_seed(0)
+    model = ConvNet(embedding_dim=8, channels=(8, 16), batch_norm=True, pool_first=True)
+    model.train()
+    model(torch.rand(64, 1, 28, 28, generator=g))  # running statistics away from 0 / 1
+    images = torch.randint(0, 256, (700, 1, 28, 28), dtype=torch.uint8, generator=g)
+    split = Split(images, torch.zeros(700, dtype=torch.long))
+    small, large = embed_split(model, split, 256), embed_split(model, split, 2048)
+    assert small.shape == (700, 8) and model.training  # its mode is given back
+    torch.testing.assert_close(small, large, rtol=1e-5, atol=1e-6)

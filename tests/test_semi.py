@@ -262,6 +262,11 @@ def test_knn_indices_match_brute_force():
     ref = full.topk(5, dim=1, largest=False)
     assert torch.equal(idx, ref.indices)
     torch.testing.assert_close(d, ref.values, rtol=1e-4, atol=1e-4)
+    # queries against another set, more queries than a chunk (one buffer, a short last chunk)
+    d, idx = knn_indices(x[:150], x[150:], 3, exclude_self=False, chunk=64)
+    ref = torch.cdist(x[:150], x[150:]).topk(3, dim=1, largest=False)
+    assert torch.equal(idx, ref.indices)
+    torch.testing.assert_close(d, ref.values, rtol=1e-4, atol=1e-4)
 
 
 def test_pca_keeps_the_distances_of_data_in_a_subspace():
