@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 import dmlrun.config  # noqa: F401  (registers resolvers before Hydra composes)
 from dmlrun import __version__
-from dmlrun.errors import EXIT_USER_ERROR, RANK_GRACE_S, ConfigError, UserError
+from dmlrun.errors import EXIT_USER_ERROR, RANK_GRACE_S, ConfigError, UserError, env_rank
 
 log = logging.getLogger("dmlrun")
 
@@ -128,8 +128,6 @@ def _report_sweep() -> None:
 
 
 def _is_main_rank() -> bool:
-    from dmlrun.distributed import env_rank
-
     return env_rank() == 0
 
 
@@ -140,8 +138,6 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     if _is_main_rank():
         print(f"dmlrun: error: {message}", file=sys.stderr)
     else:
-        from dmlrun.distributed import env_rank
-
         time.sleep(RANK_GRACE_S)
         print(f"dmlrun: error (rank {env_rank()}): {message}", file=sys.stderr)
     sys.exit(code)
@@ -224,7 +220,8 @@ def check_run_folder_args(argv: list[str]) -> None:
         check_resumable(path)
         return
     run_dir = values.get("hydra.run.dir")
-    if run_dir:
+    # a folder that does not exist yet holds no run (and saying so needs no torch)
+    if run_dir and Path(_unquote(run_dir)).is_dir():
         from dmlrun.recorder import check_new_run_dir
 
         check_new_run_dir(Path(_unquote(run_dir)))

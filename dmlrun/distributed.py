@@ -87,15 +87,6 @@ def from_env() -> Ranks:
                  int(os.environ.get("LOCAL_RANK", "0")), launched=True)
 
 
-def env_rank() -> int:
-    """This process's rank as its launcher (torchrun, SLURM, submitit) tells it, before
-    any process group exists; 0 when alone."""
-    for key in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
-
-
 def requested(devices: Any) -> int | None:
     """``trainer.devices``: None for "auto" (as many processes as were started), else the
     number of processes to train with."""

@@ -1,5 +1,6 @@
 """Errors a user can cause. The CLI turns them into one message and a non-zero exit."""
 
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -9,6 +10,16 @@ EXIT_USER_ERROR = 2  # the exit code of every error a user can fix (as argparse'
 # In a multi-process job, a rank other than 0 waits this long before reporting its error,
 # so that when rank 0 fails alike its message comes first and the launcher stops the rest.
 RANK_GRACE_S = 3.0
+
+
+def env_rank() -> int:
+    """This process's rank as its launcher (torchrun, SLURM, submitit) tells it, before
+    any process group exists; 0 when alone. Here, free of torch, so that the command
+    reports an error in its arguments without importing torch first."""
+    for key in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
 
 
 class UserError(Exception):

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from dmlrun import components, distributed
 from dmlrun.assemble import validate_config
 from dmlrun.components import choice, resolve_device
+from dmlrun.errors import env_rank
 
 log = logging.getLogger("dmlrun")
 
@@ -39,7 +40,7 @@ def rank_entry(config: dict, run_dir: str, choices: dict) -> None:
     from dmlrun.run import run  # the runner imports this module
 
     components.CHOICES.update(choices)
-    if distributed.env_rank() == 0:
+    if env_rank() == 0:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
     run(OmegaConf.create(config), run_dir)
 

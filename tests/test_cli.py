@@ -105,6 +105,18 @@ def test_typos_get_the_closest_valid_name(tmp_path, override, hint):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("override", ["lss=triplet", "trainer.max_epoch=3"])
+def test_a_typo_is_reported_without_importing_torch(tmp_path, override):
+    import sys
+
+    res = run_cli([override, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path,
+                  exe=[sys.executable, "-X", "importtime", "-m", "dmlrun"])
+    assert res.returncode == 2 and "Did you mean" in res.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "dmlrun.cli" in imported and "torch" not in imported
+
+
 def test_triplet_loss_with_pair_sampler_fails_early(tmp_path):
     res = run_cli(["loss=triplet", "sampler=pairs", "miner=none", f"hydra.run.dir={tmp_path}/r"],
                   cwd=tmp_path)
