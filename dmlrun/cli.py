@@ -220,11 +220,12 @@ def check_run_folder_args(argv: list[str]) -> None:
         check_resumable(path)
         return
     run_dir = values.get("hydra.run.dir")
+    folder = Path(_unquote(run_dir)) if run_dir else None
     # a folder that does not exist yet holds no run (and saying so needs no torch)
-    if run_dir and Path(_unquote(run_dir)).is_dir():
+    if folder is not None and folder.is_dir():
         from dmlrun.recorder import check_new_run_dir
 
-        check_new_run_dir(Path(_unquote(run_dir)))
+        check_new_run_dir(folder)
 
 
 def _unquote(value: str) -> str:

@@ -84,6 +84,7 @@ class RunEmbedding:
 
     def __init__(self, path: str | Path, device: str = "auto") -> None:
         from dmlrun.components import resolve_amp, resolve_device
+        from dmlrun.metrics import EVAL_BATCH_SIZE
 
         self.checkpoint = resolve_checkpoint(path)
         state = load_checkpoint(self.checkpoint, map_location="cpu")
@@ -95,7 +96,7 @@ class RunEmbedding:
         self.model: nn.Module = self.embedder.model
         if trainer.get("channels_last", False) and self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.batch_size = int(trainer.get("eval_batch_size", 256))
+        self.batch_size = int(trainer.get("eval_batch_size", EVAL_BATCH_SIZE))
         self.amp_dtype = resolve_amp(trainer.get("amp", "auto"), self.device)
         dataset, model = self.config.get("dataset", {}), self.config["model"]
         self.channels = int(model.get("in_channels") or dataset.get("channels", 1))

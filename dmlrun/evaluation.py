@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dmlrun.data.dataset import chunks
-from dmlrun.metrics import RECALL_KS, embed, embed_split, evaluate_embeddings
+from dmlrun.metrics import EVAL_BATCH_SIZE, RECALL_KS, embed, embed_split, evaluate_embeddings
 
 FRAME_POINTS = 2000  # validation points drawn in the per-epoch frames
 
@@ -90,7 +90,8 @@ class Validation:
 
 
 @torch.no_grad()
-def penultimate_features(model: torch.nn.Module, split: Any, batch_size: int = 256,
+def penultimate_features(model: torch.nn.Module, split: Any,
+                         batch_size: int = EVAL_BATCH_SIZE,
                          amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(N, F) float32 inputs of the model's last linear layer for a split's images: the
     features the embedding is read from."""

@@ -26,13 +26,16 @@ RECALL_KS = (1, 2, 4, 8)
 RETRIEVAL_NAMES = ("precision_at_1", *(f"recall_at_{k}" for k in RECALL_KS), "r_precision",
                    "map_at_r", "knn_accuracy")
 METRIC_NAMES = (*RETRIEVAL_NAMES, "nmi", "ami")
+# Images per forward pass when embedding (trainer.eval_batch_size's default): on a CPU
+# larger batches are slower, their activations outgrowing the caches.
+EVAL_BATCH_SIZE = 256
 
 
 @torch.no_grad()
 def embed(
     model: nn.Module,
     images: torch.Tensor,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(N, C, H, W) uint8 images -> (N, D) float32 embeddings, model in eval mode."""
@@ -49,7 +52,8 @@ def embed(
 
 
 def embed_split(
-    model: nn.Module, split, batch_size: int = 256, amp_dtype: torch.dtype | None = None,
+    model: nn.Module, split, batch_size: int = EVAL_BATCH_SIZE,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(N, D) float32 embeddings of a split's images (a ``Split`` in memory or a
     ``FileSplit`` read from files), ``batch_size`` at a time, model in eval mode."""

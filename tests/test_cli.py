@@ -107,8 +107,6 @@ def test_typos_get_the_closest_valid_name(tmp_path, override, hint):
 
 @pytest.mark.parametrize("override", ["lss=triplet", "trainer.max_epoch=3"])
 def test_a_typo_is_reported_without_importing_torch(tmp_path, override):
-    import sys
-
     res = run_cli([override, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path,
                   exe=[sys.executable, "-X", "importtime", "-m", "dmlrun"])
     assert res.returncode == 2 and "Did you mean" in res.stderr
