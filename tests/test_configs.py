@@ -274,4 +274,8 @@ def test_the_default_recipe_and_the_previous_one_an_override_away():
     assert semi64.model.batch_norm is False and semi64.trainer.max_epochs == 10
     assert semi64.trainer.select == "best" and semi64.semi.refresh_every == 2
     assert "soft" not in semi64.loss and semi64.optimizer.lr == 1e-3
+    student = compose_cfg(["experiment=semi_teachers_64d"])  # semi_propagation_64d otherwise
+    assert student.semi.graph == "teachers" and student.semi.refresh_every == 1000
+    assert student.trainer.select == "last" and student.model.embedding_dim == 64
+    assert student.loss._target_.endswith("ContrastiveLoss")
 
