@@ -127,6 +127,32 @@ def test_convnet_pool_first_is_the_same_function_while_prelu_slopes_are_non_nega
     assert not torch.allclose(plain(x), swapped(x), atol=1e-3)
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_convnet_evaluates_pooling_first_bit_identically(batch_norm: bool) -> None:
+    """The plain order pools before each PReLU in eval mode while the slopes are >= 0:
+    exactly the outputs of the modules in their built order; not in training, nor with
+    a negative slope."""
+    import torch
+
+    from dmlrun.models.convnet import ConvNet
+
+    torch.manual_seed(0)
+    net = ConvNet(embedding_dim=5, batch_norm=batch_norm)
+    x = torch.rand(32, 1, 28, 28)
+    net.train()(x)  # BatchNorm running statistics
+    net.eval()
+
+    def built_order() -> torch.Tensor:
+        return net.head(net.features((x - net.mean) / net.std))
+
+    assert net._pool_first_now() and torch.equal(net(x), built_order())
+    assert not net.train()._pool_first_now()
+    prelu = next(m for m in net.eval().features if isinstance(m, torch.nn.PReLU))
+    prelu.weight.data.fill_(-0.5)  # pooling first would now change the outputs
+    assert not net._pool_first_now() and torch.equal(net(x), built_order())
+    assert ConvNet(pool_first=True)._pool_then_act is None
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_presets_compose_and_fit(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])

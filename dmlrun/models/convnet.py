@@ -18,6 +18,12 @@ class ConvNet(Embedder):
     quarter of a training step otherwise. Its parameter names differ from the plain
     order's, so a checkpoint loads only into the order it was trained with.
 
+    In evaluation the plain order pools first anyway while every slope is >= 0: the
+    outputs are bit-identical (a max picks the same element before or after a
+    non-decreasing map, and the map is applied to that element alike) and embedding runs
+    about twice as fast on a CPU. Training keeps the order it was built with, since the
+    slopes' gradients would be summed in another order.
+
     Input (B, in_channels, H, W) float in [0, 1]; output (B, embedding_dim).
     """
 
@@ -46,6 +52,14 @@ class ConvNet(Embedder):
         if size < 1:
             raise ValueError(f"image_size={image_size} is too small for {len(channels)} blocks")
         self.features = nn.Sequential(*blocks)
+        # module order for evaluation: each block's PReLU after its MaxPool (plain order)
+        self._pool_then_act: list[int] | None = None
+        if not pool_first:
+            order = list(range(len(blocks)))
+            for i, m in enumerate(blocks):
+                if isinstance(m, nn.MaxPool2d):
+                    order[i - 1], order[i] = i, i - 1
+            self._pool_then_act = order
         def hidden(n_in: int) -> list[nn.Module]:
             norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
             return [nn.Linear(n_in, hidden_dim, bias=not batch_norm), *norm, nn.PReLU()]
@@ -54,4 +68,17 @@ class ConvNet(Embedder):
                                   *hidden(hidden_dim), nn.Linear(hidden_dim, embedding_dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pool_first_now():
+            for i in self._pool_then_act:
+                x = self.features[i](x)
+            return self.head(x)
         return self.head(self.features(x))
+
+    def _pool_first_now(self) -> bool:
+        """Evaluate pooling before the PReLUs: in eval mode, plain order, every slope
+        >= 0, and not while tracing or compiling (a branch on the weights' values)."""
+        if self.training or self._pool_then_act is None or torch.jit.is_tracing() \
+                or torch.compiler.is_compiling():
+            return False
+        return all(bool((m.weight >= 0).all()) for m in self.features
+                   if isinstance(m, nn.PReLU))
