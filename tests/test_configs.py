@@ -264,6 +264,11 @@ def test_triplet_with_hard_miner_gets_its_specialisation():
     # its learning rate is Adam's only
     cfg = compose_cfg(["loss=triplet", "miner=hard", "optimizer=sgd"])
     assert cfg.miner.pool_k == 2 and cfg.optimizer.lr == 0.01
+    # and AdamW's, with its decoupled weight decay (soft margin too)
+    for loss in ("triplet", "triplet_soft"):
+        cfg = compose_cfg([f"loss={loss}", "miner=hard", "optimizer=adamw"])
+        assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.lr == 3e-3
+        assert cfg.optimizer.weight_decay == 0.05
     for overrides in (["experiment=contrastive"], ["loss=triplet", "miner=semihard"],
                       ["miner=easy_hard"]):
         cfg = compose_cfg(overrides)
@@ -275,7 +280,7 @@ def test_triplet_with_hard_miner_gets_its_specialisation():
 def test_the_default_recipe_and_the_previous_one_an_override_away():
     """`dmlrun` alone: experiment=default (hard triplets with the soft margin, 12 epochs,
     per-step cosine, BatchNorm with pooling first in 16- and 32-channel blocks, affine
-    augmentation); experiment=contrastive: the previous default (contrastive on batch-hard
+    augmentation, the last epoch tested); experiment=contrastive: the previous default (contrastive on batch-hard
     pairs, 4 epochs, the cosine stepped per epoch); any other experiment replaces the
     default whole."""
     cfg = compose_cfg([])
@@ -285,8 +290,10 @@ def test_the_default_recipe_and_the_previous_one_an_override_away():
     assert cfg.loss.soft is True and cfg.loss.margin == 0
     assert "_target_" not in cfg.scheduler and cfg.optimizer.lr == 3e-3
     assert cfg.model.batch_norm is True and cfg.augment._target_.endswith("RandomAffine")
+    assert cfg.trainer.select == "last" and cfg.optimizer._target_ == "torch.optim.Adam"
     old = compose_cfg(["experiment=contrastive"])
     assert old.model.batch_norm is False and "_target_" not in old.augment
+    assert old.trainer.select == "best"
     assert old.model.pool_first is False and list(old.model.channels) == [32, 64]
     assert old.loss._target_.endswith("ContrastiveLoss") and old.miner.pool_k is None
     assert old.trainer.max_epochs == 4 and old.scheduler.T_max == 4
