@@ -50,8 +50,10 @@ BN_PF = [*T8C, "model=convnet_bn", "model.channels=[32,64]", "augment=affine"]
 # testing the best validation epoch as the default did when these arms were measured
 HINGE = ["loss=triplet", "trainer.select=best"]
 
-# name -> (overrides, what the arm changes). Every arm names its whole recipe, so the table
-# does not depend on what `dmlrun` alone does; "default" is exactly the shipped `dmlrun`.
+# name -> (overrides, what the arm changes). The arms before the 16/32-channel ones name
+# their whole recipe; those from bn_pf_affine_12_ch16 on are overrides on top of `dmlrun`
+# alone (they pin trainer.select where the table's rows need it); "default" is exactly the
+# shipped `dmlrun`.
 ARMS: dict[str, tuple[list[str], str]] = {
     "contrastive": (PREVIOUS, "previous default: contrastive, batch-hard pairs, 4 epochs, "
                               "cosine per epoch"),
@@ -124,6 +126,8 @@ ARMS: dict[str, tuple[list[str], str]] = {
                               "warp"),
     "bn_pf_elastic_16_ch16": ([*HINGE, "augment=elastic", "trainer.max_epochs=16"],
                               "bn_pf_elastic_12_ch16, 16 epochs"),
+    "hinge": (["loss=triplet"], "the shipped `dmlrun` with the hinge (loss=triplet, margin "
+                                "1), its last epoch tested"),
     "default_best": (["trainer.select=best"], "the shipped `dmlrun` testing its best "
                                               "validation epoch (the default until it "
                                               "tested its last)"),

@@ -280,9 +280,9 @@ def test_triplet_with_hard_miner_gets_its_specialisation():
 def test_the_default_recipe_and_the_previous_one_an_override_away():
     """`dmlrun` alone: experiment=default (hard triplets with the soft margin, 12 epochs,
     per-step cosine, BatchNorm with pooling first in 16- and 32-channel blocks, affine
-    augmentation, the last epoch tested); experiment=contrastive: the previous default (contrastive on batch-hard
-    pairs, 4 epochs, the cosine stepped per epoch); any other experiment replaces the
-    default whole."""
+    augmentation, the last epoch tested); experiment=contrastive: the previous default
+    (contrastive on batch-hard pairs, 4 epochs, the cosine stepped per epoch, the best
+    validation epoch tested); any other experiment replaces the default whole."""
     cfg = compose_cfg([])
     assert cfg.loss._target_.endswith("TripletLoss") and cfg.miner.pool_k == 2
     assert cfg.trainer.max_epochs == 12 and cfg.scheduler.anneal == "cosine"
