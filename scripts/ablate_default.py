@@ -131,6 +131,8 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "default_best": (["trainer.select=best"], "the shipped `dmlrun` testing its best "
                                               "validation epoch (the default until it "
                                               "tested its last)"),
+    "default_hidden512": (["model.hidden_dim=512"], "the shipped `dmlrun` with hidden "
+                                                    "layers of 512 instead of 256"),
     "default_adamw": (["optimizer=adamw"], "the shipped `dmlrun` with AdamW: weight decay "
                                            "0.05 decoupled from Adam's moments"),
     "default_adamw_wd0.2": (["optimizer=adamw", "optimizer.weight_decay=0.2",
