@@ -269,6 +269,26 @@ def test_knn_indices_match_brute_force():
     torch.testing.assert_close(d, ref.values, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("width, block", [(1000, 128), (1024, 64), (37, 8), (600, 100)])
+def test_smallest_in_rows_equals_topk(width, block):
+    """The block-minima search returns what topk returns, columns included: rows with
+    distinct values (one answer) and rows with equal values planted among their nearest
+    (where topk's own pick among equals must be kept)."""
+    from dmlrun.semi.labels import smallest_in_rows
+
+    g = torch.Generator().manual_seed(width)
+    d = torch.rand(64, width, generator=g)
+    low = d.topk(6, dim=1, largest=False)
+    d[:8].scatter_(1, low.indices[:8, 4:6], 0.001)  # a tie at the 5th and 6th smallest
+    d[8:16].scatter_(1, low.indices[8:16, 1:3], 0.0005)  # a tie inside the first five
+    d[16:24, -5:] = -1.0  # the smallest at the end, in the short last block
+    for k in (1, 5):
+        values, columns = smallest_in_rows(d, k, block=block)
+        ref = d.topk(k, dim=1, largest=False)
+        assert torch.equal(values, ref.values)
+        assert torch.equal(columns, ref.indices)
+
+
 def test_pca_keeps_the_distances_of_data_in_a_subspace():
     from dmlrun.semi import pca
 

@@ -93,10 +93,42 @@ def knn_indices(x: torch.Tensor, ref: torch.Tensor, k: int, exclude_self: bool,
         if exclude_self:
             rows = torch.arange(s, s + len(part), device=x.device)
             d[rows - s, rows] = float("inf")
-        top = d.topk(k, dim=1, largest=False)
-        ds.append((top.values + part.pow(2).sum(1, keepdim=True)).clamp_min(0).sqrt())
-        ids.append(top.indices)
+        values, columns = smallest_in_rows(d, k)
+        ds.append((values + part.pow(2).sum(1, keepdim=True)).clamp_min(0).sqrt())
+        ids.append(columns)
     return torch.cat(ds), torch.cat(ids)
+
+
+def smallest_in_rows(d: torch.Tensor, k: int, block: int = 128
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, M) -> (B, k) each row's k smallest values, ascending, and their columns: the
+    same as ``d.topk(k, dim=1, largest=False)``, in about half of its time on a CPU
+    (where topk over the (2048, 60,100) chunks of a kNN graph was half of its cost).
+
+    A row's k + 1 smallest lie in the k + 1 blocks of ``block`` columns with the smallest
+    minima (those blocks hold k + 1 values no larger than their largest minimum), so
+    topk runs on the minima and then on those blocks' values. Rows with equal values
+    among their k + 1 smallest, where topk's pick among equals is its own, take topk
+    over the whole row."""
+    rows, width = d.shape
+    full = width // block
+    minima = d[:, : full * block].view(rows, full, block).amin(2)
+    if width > full * block:
+        minima = torch.cat([minima, d[:, full * block :].amin(1, keepdim=True)], 1)
+    if minima.shape[1] <= k + 1:
+        top = d.topk(k, dim=1, largest=False)
+        return top.values, top.indices
+    blocks = minima.topk(k + 1, dim=1, largest=False).indices
+    columns = (blocks[:, :, None] * block + torch.arange(block, device=d.device)).view(rows, -1)
+    outside = columns >= width  # past the end of the last, shorter block
+    values = d.gather(1, columns.clamp_max(width - 1)).masked_fill_(outside, float("inf"))
+    top = values.topk(k + 1, dim=1, largest=False)
+    values, columns = top.values[:, :k].contiguous(), columns.gather(1, top.indices[:, :k])
+    tied = torch.nonzero((top.values[:, 1:] == top.values[:, :-1]).any(1)).flatten()
+    if len(tied):
+        exact = d[tied].topk(k, dim=1, largest=False)
+        values[tied], columns[tied] = exact.values, exact.indices
+    return values, columns
 
 
 def pca(x: torch.Tensor, dims: int) -> torch.Tensor:
