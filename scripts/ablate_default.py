@@ -138,6 +138,9 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "default_adamw_wd0.2": (["optimizer=adamw", "optimizer.weight_decay=0.2",
                              "trainer.select=best"],
                             "default_best with AdamW at weight decay 0.2"),
+    "default_sgd": (["optimizer=sgd", "optimizer.lr=0.2", "optimizer.weight_decay=5e-4"],
+                    "the shipped `dmlrun` with SGD: Nesterov momentum 0.9, lr 0.2, weight "
+                    "decay 5e-4"),
     "default": ([], "the shipped `dmlrun`: bn_pf_affine_12_ch16 with the soft margin "
                     "softplus(d_ap - d_an) (Hermans et al. 2017), its last epoch tested"),
 }

@@ -212,6 +212,19 @@ def test_growing_pools_match_loop(seed, max_inverted, spread):
     assert got == loop_grow(emb, labels, 2, max_inverted)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_growing_pools_match_loop_with_uneven_classes(seed):
+    # classes of 3, 5 and 12 images: the pool sizes stop at the largest class (16), the
+    # picks are those of the chain up to the batch size
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0] * 3 + [1] * 5 + [2] * 12)[torch.randperm(20, generator=g)]
+    emb = torch.randn(20, 2, generator=g) * 1.2 + torch.tensor(
+        [[3.0, 0], [0, 3.0], [-3.0, 0]])[labels]
+    for max_inverted in (0.2, 0.5):
+        got = HardMiner(pool_k=2, grow=True, max_inverted=max_inverted)(emb, labels).indices
+        assert as_set(got) == loop_grow(emb, labels, 2, max_inverted)
+
+
 def test_growing_pools_reach_the_whole_batch_when_classes_separate():
     emb, labels = pk_batch(0, classes=4, k=9)
     emb = emb * 0.1 + 10 * torch.eye(4)[labels][:, :2] - 10 * torch.eye(4)[labels][:, 2:4]

@@ -55,10 +55,16 @@ class HardMiner(Miner):
         if self.pool_k is None:
             pos, neg = pos[None], neg[None]
         else:  # one (B, B) slice per pool size tried: pool_k, then doubling with grow
+            rank = class_rank(labels)
+            # every size from the largest class's count up pools the whole batch alike: on
+            # the CPU, where reading that count costs nothing, the doubling stops there
+            # (same picks); elsewhere it runs to the batch size, without a host sync
+            cover = int(rank.max()) + 1 if labels.device.type == "cpu" and len(labels) \
+                else len(labels)
             sizes = [self.pool_k]
-            while self.grow and sizes[-1] < len(labels):  # the last one covers the batch
+            while self.grow and sizes[-1] < cover:  # the last one covers the batch
                 sizes.append(2 * sizes[-1])
-            pool = class_rank(labels)[None] // torch.tensor(sizes, device=labels.device)[:, None]
+            pool = rank[None] // torch.tensor(sizes, device=labels.device)[:, None]
             same_pool = pool[:, :, None] == pool[:, None, :]
             pos, neg = pos & same_pool, neg & same_pool
         p, n, ok = self._pick(dist, pos, neg)  # (S, B) each
