@@ -141,6 +141,14 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "default_sgd": (["optimizer=sgd", "optimizer.lr=0.2", "optimizer.weight_decay=5e-4"],
                     "the shipped `dmlrun` with SGD: Nesterov momentum 0.9, lr 0.2, weight "
                     "decay 5e-4"),
+    "default_warp_strong": (["augment.degrees=15", "augment.shift=3",
+                             "augment.scale=[0.85,1.15]", "augment.shear=10"],
+                            "the shipped `dmlrun` with a stronger warp: 15 degrees, 3 px, "
+                            "scale 0.85-1.15, shear 10 degrees"),
+    "default_warp_weak": (["augment.degrees=8", "augment.shift=1.5",
+                           "augment.scale=[0.93,1.07]", "augment.shear=5"],
+                          "the shipped `dmlrun` with a weaker warp: 8 degrees, 1.5 px, "
+                          "scale 0.93-1.07, shear 5 degrees"),
     "default": ([], "the shipped `dmlrun`: bn_pf_affine_12_ch16 with the soft margin "
                     "softplus(d_ap - d_an) (Hermans et al. 2017), its last epoch tested"),
 }
