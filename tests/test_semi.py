@@ -281,7 +281,9 @@ def test_smallest_in_rows_equals_topk(width, block):
     low = d.topk(6, dim=1, largest=False)
     d[:8].scatter_(1, low.indices[:8, 4:6], 0.001)  # a tie at the 5th and 6th smallest
     d[8:16].scatter_(1, low.indices[8:16, 1:3], 0.0005)  # a tie inside the first five
-    d[16:24, -5:] = -1.0  # the smallest at the end, in the short last block
+    d[16:24, -5:] = -1.0 - 0.01 * torch.arange(5)  # the smallest in the short last block
+    beside = (low.indices[24:32, :1] ^ 1).clamp_max(width - 1)  # in the smallest's block
+    d[24:32].scatter_(1, beside, float("nan"))  # a NaN hides that block's minimum
     for k in (1, 5):
         values, columns = smallest_in_rows(d, k, block=block)
         ref = d.topk(k, dim=1, largest=False)

@@ -108,8 +108,8 @@ def smallest_in_rows(d: torch.Tensor, k: int, block: int = 128
     A row's k + 1 smallest lie in the k + 1 blocks of ``block`` columns with the smallest
     minima (those blocks hold k + 1 values no larger than their largest minimum), so
     topk runs on the minima and then on those blocks' values. Rows with equal values
-    among their k + 1 smallest, where topk's pick among equals is its own, take topk
-    over the whole row."""
+    among their k + 1 smallest, where topk's pick among equals is its own, or a NaN
+    (which hides its block's minimum), take topk over the whole row."""
     rows, width = d.shape
     full = width // block
     minima = d[:, : full * block].view(rows, full, block).amin(2)
@@ -124,7 +124,9 @@ def smallest_in_rows(d: torch.Tensor, k: int, block: int = 128
     values = d.gather(1, columns.clamp_max(width - 1)).masked_fill_(outside, float("inf"))
     top = values.topk(k + 1, dim=1, largest=False)
     values, columns = top.values[:, :k].contiguous(), columns.gather(1, top.indices[:, :k])
-    tied = torch.nonzero((top.values[:, 1:] == top.values[:, :-1]).any(1)).flatten()
+    # a NaN hides its block's minimum (amin returns NaN): those rows too take the topk
+    tied = torch.nonzero((top.values[:, 1:] == top.values[:, :-1]).any(1)
+                         | minima.isnan().any(1)).flatten()
     if len(tied):
         exact = d[tied].topk(k, dim=1, largest=False)
         values[tied], columns[tied] = exact.values, exact.indices
