@@ -279,10 +279,11 @@ def test_triplet_with_hard_miner_gets_its_specialisation():
 
 def test_the_default_recipe_and_the_previous_one_an_override_away():
     """`dmlrun` alone: experiment=default (hard triplets with the soft margin, 12 epochs,
-    per-step cosine, BatchNorm with pooling first in 16- and 32-channel blocks, affine
-    augmentation, the last epoch tested); experiment=contrastive: the previous default
-    (contrastive on batch-hard pairs, 4 epochs, the cosine stepped per epoch, the best
-    validation epoch tested); any other experiment replaces the default whole."""
+    per-step cosine, BatchNorm with pooling first in 16- and 32-channel blocks, a milder
+    affine warp (augment=affine_mild), the last epoch tested); experiment=contrastive: the
+    previous default (contrastive on batch-hard pairs, 4 epochs, the cosine stepped per
+    epoch, the best validation epoch tested); any other experiment replaces the default
+    whole."""
     cfg = compose_cfg([])
     assert cfg.loss._target_.endswith("TripletLoss") and cfg.miner.pool_k == 2
     assert cfg.trainer.max_epochs == 12 and cfg.scheduler.anneal == "cosine"
@@ -290,6 +291,11 @@ def test_the_default_recipe_and_the_previous_one_an_override_away():
     assert cfg.loss.soft is True and cfg.loss.margin == 0
     assert "_target_" not in cfg.scheduler and cfg.optimizer.lr == 3e-3
     assert cfg.model.batch_norm is True and cfg.augment._target_.endswith("RandomAffine")
+    warp = (cfg.augment.degrees, cfg.augment.shift, list(cfg.augment.scale), cfg.augment.shear)
+    assert warp == (8, 1.5, [0.93, 1.07], 5)
+    # augment=affine keeps its own warp, for the presets that name it
+    own = compose_cfg(["experiment=semi_propagation"]).augment
+    assert (own.degrees, own.shift, list(own.scale), own.shear) == (12, 2.5, [0.9, 1.1], 8)
     assert cfg.trainer.select == "last" and cfg.optimizer._target_ == "torch.optim.Adam"
     old = compose_cfg(["experiment=contrastive"])
     assert old.model.batch_norm is False and "_target_" not in old.augment
