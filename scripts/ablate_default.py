@@ -158,6 +158,10 @@ ARMS: dict[str, tuple[list[str], str]] = {
                           "a weaker warp: 8 degrees, 1.5 px, scale 0.93-1.07, shear 5 "
                           "degrees (augment=affine_mild: the shipped `dmlrun` since it met "
                           "the rule)"),
+    "default_warp_milder": (["augment.degrees=5", "augment.shift=1",
+                             "augment.scale=[0.95,1.05]", "augment.shear=3"],
+                            "the shipped `dmlrun` with a milder warp still: 5 degrees, 1 px, "
+                            "scale 0.95-1.05, shear 3 degrees"),
     "default_warp12": (WARP_12, "the shipped `dmlrun` with augment=affine's warp (12 "
                                 "degrees, 2.5 px, scale 0.9-1.1, shear 8 degrees): the "
                                 "default before the weaker warp"),
