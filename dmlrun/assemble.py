@@ -183,7 +183,8 @@ def log_start(cfg: DictConfig, run_dir: Path, ranks: Ranks, device: torch.device
         log.info("miner %r; optimizer lr %s%s", parts.miner, cfg.optimizer.get("lr"),
                  f", warm-up over {t.warmup_epochs:g} epoch(s)" if t.warmup_epochs > 0 else "")
     if parts.augment is not None:
-        log.info("augmentation on the device: %r", parts.augment)
+        log.info("augmentation on the device: %r%s", parts.augment,
+                 f", off for the last {t.no_aug_epochs} epoch(s)" if t.no_aug_epochs else "")
     if ranks.launched:
         log.info("%d process%s (%s), each with %d of the %d images per batch; mining %s",
                  ranks.world, "es" if ranks.world > 1 else "",

@@ -155,7 +155,8 @@ def _fit(ctx: Context, training: TrainingState, recorder: Recorder, validation: 
                           world=ranks.world, mining=t.mining, warmup_epochs=t.warmup_epochs,
                           anneal=sched.anneal, max_epochs=t.max_epochs,
                           min_lr_ratio=sched.min_lr_ratio or 0.0, ema=training.ema,
-                          augment=parts.augment, **task.step_options())
+                          augment=parts.augment, no_aug_epochs=t.no_aug_epochs,
+                          **task.step_options())
 
     def next_epoch() -> Epoch:
         # every rank draws the same global epoch and keeps its slice of each batch

@@ -70,6 +70,7 @@ class TrainerSettings:
     channels_last: bool = setting()
     compile: str | bool | None = setting(choices=COMPILE_MODES)
     warmup_epochs: float = setting(minimum=0)
+    no_aug_epochs: int = setting(minimum=0)
     ema_decay: float | None = setting(above=0, below=1)
     early_stopping_patience: int | None = setting(minimum=1)
     nonfinite: str = setting(choices=("stop", "skip"))

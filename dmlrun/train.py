@@ -107,8 +107,11 @@ class StepConfig:
     min_lr_ratio: float = 0.0
     # Averaged weights updated after every applied step (trainer.ema_decay), or None.
     ema: WeightAverage | None = None
-    # Applied to every float training batch on the device (e.g. augment.RandomAffine).
+    # Applied to every float training batch on the device (e.g. augment.RandomAffine),
+    # except in the last ``no_aug_epochs`` epochs of the run, which train on the images as
+    # they are, as the model will see them at test time.
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    no_aug_epochs: int = 0
     # The loss on ``Epoch.views`` batches.
     views: ViewsTerm | None = None
 
@@ -435,7 +438,10 @@ def fit(
     for epoch_no in range(start_epoch, max_epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(model, loss_fn, miner, optimizer, split, next_epoch(), step_cfg,
+        epoch_cfg = step_cfg
+        if epoch_no > max_epochs - step_cfg.no_aug_epochs:
+            epoch_cfg = replace(step_cfg, augment=None)
+        stats = train_epoch(model, loss_fn, miner, optimizer, split, next_epoch(), epoch_cfg,
                             desc=f"epoch {epoch_no}/{max_epochs}", epoch_no=epoch_no)
         steps = stats.pop("steps")
         if on_steps is not None:

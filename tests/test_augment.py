@@ -1,9 +1,16 @@
 """Augmentation on the device: per-image parameters, shape and range kept, and the warp
 does what its parameters say."""
 
+import pytest
 import torch
 
 from dmlrun.augment import RandomAffine
+from dmlrun.data.dataset import Split
+from dmlrun.data.samplers import PKSampler
+from dmlrun.losses import TripletLoss
+from dmlrun.miners import HardMiner
+from dmlrun.models import MLP
+from dmlrun.train import StepConfig, fit
 from tests.conftest import compose_cfg
 
 
@@ -67,3 +74,38 @@ def test_elastic_distortion_differs_per_image_and_the_configs_build():
         parts = validate_config(compose_cfg([f"augment={option}"]))
         assert isinstance(parts.augment, RandomAffine)
     assert validate_config(compose_cfg(["augment=none"])).augment is None
+
+
+@pytest.mark.parametrize("no_aug, start, per_epoch", [(0, 1, [4, 4, 4]), (1, 1, [4, 4, 0]),
+                                                      (2, 1, [4, 0, 0]), (1, 3, [0])])
+def test_the_last_no_aug_epochs_train_on_the_images_as_they_are(no_aug, start, per_epoch):
+    """trainer.no_aug_epochs: the warp runs on every step of the earlier epochs and on none
+    of the last ones, counted from the run's last epoch (so a resumed run agrees)."""
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  torch.arange(6).repeat(10))
+    model = MLP(embedding_dim=2, hidden_dims=(8,))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    calls: list[int] = []
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return x
+
+    counts: list[int] = []
+
+    def on_epoch_end(record: dict) -> bool:
+        counts.append(len(calls) - sum(counts))
+        return False
+
+    cfg = StepConfig(progress_bar=False, augment=augment, no_aug_epochs=no_aug, max_epochs=3)
+    fit(model, TripletLoss(), HardMiner(), opt, None,
+        lambda: PKSampler(p=3, k=4, batches_per_epoch=4).epoch(split.labels, g), split,
+        lambda epoch_no: {}, on_epoch_end, 3, cfg, start_epoch=start)
+    assert counts == per_epoch
+    assert set(calls) <= {12}  # whole batches of 3 x 4 images
+
+
+def test_the_default_recipe_trains_its_last_epoch_unwarped():
+    assert compose_cfg([]).trainer.no_aug_epochs == 1
+    assert compose_cfg(["experiment=contrastive"]).trainer.no_aug_epochs == 0
