@@ -51,7 +51,9 @@ BN_PF = [*T8C, "model=convnet_bn", "model.channels=[32,64]", "augment=affine"]
 # augment=affine's warp (12 degrees, 2.5 px, scale 0.9-1.1, shear 8 degrees), which the
 # default used until it took the weaker one (default_warp_weak, now augment=affine_mild);
 # the arms measured beside that default pin it, so they rerun as measured
-WARP_12 = ["augment=affine"]
+WARP_12 = ["augment=affine", "trainer.no_aug_epochs=0"]
+# the default's warp on every epoch, as before its last epoch trained unwarped
+EVERY_EPOCH = ["trainer.no_aug_epochs=0"]
 HINGE = ["loss=triplet", "trainer.select=best", *WARP_12]
 
 # name -> (overrides, what the arm changes). The arms before the 16/32-channel ones name
@@ -150,24 +152,27 @@ ARMS: dict[str, tuple[list[str], str]] = {
                     "default_warp12 with SGD: Nesterov momentum 0.9, lr 0.2, weight decay "
                     "5e-4"),
     "default_warp_strong": (["augment.degrees=15", "augment.shift=3",
-                             "augment.scale=[0.85,1.15]", "augment.shear=10"],
+                             "augment.scale=[0.85,1.15]", "augment.shear=10", *EVERY_EPOCH],
                             "the shipped `dmlrun` with a stronger warp: 15 degrees, 3 px, "
                             "scale 0.85-1.15, shear 10 degrees"),
     "default_warp_weak": (["augment.degrees=8", "augment.shift=1.5",
-                           "augment.scale=[0.93,1.07]", "augment.shear=5"],
+                           "augment.scale=[0.93,1.07]", "augment.shear=5", *EVERY_EPOCH],
                           "a weaker warp: 8 degrees, 1.5 px, scale 0.93-1.07, shear 5 "
                           "degrees (augment=affine_mild: the shipped `dmlrun` since it met "
                           "the rule)"),
     "default_warp_milder": (["augment.degrees=5", "augment.shift=1",
-                             "augment.scale=[0.95,1.05]", "augment.shear=3"],
+                             "augment.scale=[0.95,1.05]", "augment.shear=3", *EVERY_EPOCH],
                             "the shipped `dmlrun` with a milder warp still: 5 degrees, 1 px, "
                             "scale 0.95-1.05, shear 3 degrees"),
+    "default_aug_every_epoch": (EVERY_EPOCH, "the shipped `dmlrun` warping every epoch, "
+                                             "its last too (the default before it trained "
+                                             "its last epoch unwarped)"),
     "default_warp12": (WARP_12, "the shipped `dmlrun` with augment=affine's warp (12 "
                                 "degrees, 2.5 px, scale 0.9-1.1, shear 8 degrees): the "
                                 "default before the weaker warp"),
     "default": ([], "the shipped `dmlrun`: bn_pf_affine_12_ch16 with the soft margin "
-                    "softplus(d_ap - d_an) (Hermans et al. 2017) and the weaker warp, its "
-                    "last epoch tested"),
+                    "softplus(d_ap - d_an) (Hermans et al. 2017) and the weaker warp, off "
+                    "for the last epoch, which is tested"),
 }
 CHOSEN_SEEDS = [0, 1, 2]
 

@@ -10,15 +10,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("overrides, dim, p1, map_at_r", [
-    # the default recipe, its last epoch tested (docs/results.md: test P@1 0.9906, MAP@R
-    # 0.9823 on seed 0 with two threads; seeds 0-7 on one thread 0.9893 to 0.9915 and
-    # 0.9819 to 0.9856)
+    # the default recipe, its last epoch tested (docs/results.md: test P@1 0.9905, MAP@R
+    # 0.9846 on seed 0 with two threads; seeds 0-7 on one thread 0.9896 to 0.9917 and
+    # 0.9831 to 0.9872)
     ([], 2, 0.986, 0.978),
     # the previous default, contrastive on batch-hard pairs for 4 epochs (0.9846 / 0.9764)
     (["experiment=contrastive"], 2, 0.98, 0.96),
     # easy-positive hard-negative triplets train from a random start (0.9765 / 0.8425)
     (["experiment=triplet", "trainer.max_epochs=5"], 2, 0.95, 0.8),
-    # the default recipe in 64-D (docs/results.md: 0.9945 / 0.9904 on seed 0, two threads)
+    # the default recipe in 64-D (docs/results.md: 0.9939 / 0.9909 on seed 0, two threads)
     (["model.embedding_dim=64"], 64, 0.992, 0.985),
 ])
 def test_default_run_reaches_precision_at_1(tmp_path, data_dir, overrides, dim, p1,
