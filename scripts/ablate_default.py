@@ -54,6 +54,13 @@ BN_PF = [*T8C, "model=convnet_bn", "model.channels=[32,64]", "augment=affine"]
 WARP_12 = ["augment=affine", "trainer.no_aug_epochs=0"]
 # the default's warp on every epoch, as before its last epoch trained unwarped
 EVERY_EPOCH = ["trainer.no_aug_epochs=0"]
+
+
+def warp(degrees: float, shift: float, scale: tuple[float, float], shear: float) -> list[str]:
+    """Overrides for a warp of these ranges on every epoch."""
+    return [f"augment.degrees={degrees}", f"augment.shift={shift}",
+            f"augment.scale=[{scale[0]},{scale[1]}]", f"augment.shear={shear}", *EVERY_EPOCH]
+
 HINGE = ["loss=triplet", "trainer.select=best", *WARP_12]
 
 # name -> (overrides, what the arm changes). The arms before the 16/32-channel ones name
@@ -151,17 +158,14 @@ ARMS: dict[str, tuple[list[str], str]] = {
                      *WARP_12],
                     "default_warp12 with SGD: Nesterov momentum 0.9, lr 0.2, weight decay "
                     "5e-4"),
-    "default_warp_strong": (["augment.degrees=15", "augment.shift=3",
-                             "augment.scale=[0.85,1.15]", "augment.shear=10", *EVERY_EPOCH],
+    "default_warp_strong": (warp(15, 3, (0.85, 1.15), 10),
                             "the shipped `dmlrun` with a stronger warp: 15 degrees, 3 px, "
                             "scale 0.85-1.15, shear 10 degrees"),
-    "default_warp_weak": (["augment.degrees=8", "augment.shift=1.5",
-                           "augment.scale=[0.93,1.07]", "augment.shear=5", *EVERY_EPOCH],
+    "default_warp_weak": (warp(8, 1.5, (0.93, 1.07), 5),
                           "a weaker warp: 8 degrees, 1.5 px, scale 0.93-1.07, shear 5 "
-                          "degrees (augment=affine_mild: the shipped `dmlrun` since it met "
-                          "the rule)"),
-    "default_warp_milder": (["augment.degrees=5", "augment.shift=1",
-                             "augment.scale=[0.95,1.05]", "augment.shear=3", *EVERY_EPOCH],
+                          "degrees (augment=affine_mild, which the shipped `dmlrun` took "
+                          "when it met the rule), on every epoch"),
+    "default_warp_milder": (warp(5, 1, (0.95, 1.05), 3),
                             "the shipped `dmlrun` with a milder warp still: 5 degrees, 1 px, "
                             "scale 0.95-1.05, shear 3 degrees"),
     "default_aug_every_epoch": (EVERY_EPOCH, "the shipped `dmlrun` warping every epoch, "
