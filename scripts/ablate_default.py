@@ -46,14 +46,16 @@ TRIPLET = ["experiment=triplet_hard"]
 T8 = [*TRIPLET, "trainer.max_epochs=8"]
 T8C = [*T8, "scheduler=cosine_steps"]
 BN_PF = [*T8C, "model=convnet_bn", "model.channels=[32,64]", "augment=affine"]
-# the shipped default with the hinge (loss=triplet, margin 1) instead of its soft margin,
-# testing the best validation epoch as the default did when these arms were measured
-# augment=affine's warp (12 degrees, 2.5 px, scale 0.9-1.1, shear 8 degrees), which the
-# default used until it took the weaker one (default_warp_weak, now augment=affine_mild);
-# the arms measured beside that default pin it, so they rerun as measured
-WARP_12 = ["augment=affine", "trainer.no_aug_epochs=0"]
 # the default's warp on every epoch, as before its last epoch trained unwarped
 EVERY_EPOCH = ["trainer.no_aug_epochs=0"]
+# augment=affine's warp (12 degrees, 2.5 px, scale 0.9-1.1, shear 8 degrees) on every
+# epoch, which the default used until it took the weaker one (default_warp_weak, now
+# augment=affine_mild); the arms measured beside that default pin it, so they rerun as
+# measured
+WARP_12 = ["augment=affine", *EVERY_EPOCH]
+# the shipped default with the hinge (loss=triplet, margin 1) instead of its soft margin,
+# testing the best validation epoch as the default did when these arms were measured
+HINGE = ["loss=triplet", "trainer.select=best", *WARP_12]
 
 
 def warp(degrees: float, shift: float, scale: tuple[float, float], shear: float) -> list[str]:
@@ -61,7 +63,6 @@ def warp(degrees: float, shift: float, scale: tuple[float, float], shear: float)
     return [f"augment.degrees={degrees}", f"augment.shift={shift}",
             f"augment.scale=[{scale[0]},{scale[1]}]", f"augment.shear={shear}", *EVERY_EPOCH]
 
-HINGE = ["loss=triplet", "trainer.select=best", *WARP_12]
 
 # name -> (overrides, what the arm changes). The arms before the 16/32-channel ones name
 # their whole recipe; those from bn_pf_affine_12_ch16 on are overrides on top of `dmlrun`
