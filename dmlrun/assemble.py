@@ -37,7 +37,8 @@ from dmlrun.task import Task, task_class
 
 log = logging.getLogger("dmlrun")
 
-SPECIALISATIONS = ("loss_miner", "loss_miner_optimizer")  # config.yaml's optional groups
+# config.yaml's optional groups: settings for one combination of other groups' choices
+SPECIALISATIONS = ("loss_miner", "loss_miner_optimizer", "experiment_dataset")
 
 
 @dataclass

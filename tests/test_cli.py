@@ -54,7 +54,11 @@ def test_run_folder_has_every_file(finished_run):
     # raw pixels are a strong MNIST baseline for 1-NN; the untrained 2-D net is not
     assert summary["baselines"]["raw_pixels"]["precision_at_1"] > 0.8
     assert "val_nmi" in lines[0] and "val_knn_accuracy" in lines[0]
-    assert "epoch 1" in (d / "dmlrun.log").read_text()
+    log = (d / "dmlrun.log").read_text()
+    assert "epoch 1" in log
+    # the specialisation files Hydra applied to this combination are named
+    for path in ("loss_miner/triplet_soft_hard.yaml", "experiment_dataset/default_mnist.yaml"):
+        assert f"settings for this combination from configs/{path}" in log, path
 
 
 def test_load_embedder_reproduces_test_metrics(finished_run, data_dir):

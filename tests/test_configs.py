@@ -99,6 +99,32 @@ def test_convnet_batch_norm_is_an_option_that_leaves_the_plain_net_as_it_was():
     assert torch.allclose(one, normed(x)[:1], atol=1e-5)
 
 
+def test_convnet_dropout_drops_before_the_embedding_layer_in_training_only():
+    import torch
+
+    from dmlrun.models.convnet import ConvNet
+
+    torch.manual_seed(0)
+    net = ConvNet(embedding_dim=4, batch_norm=True, pool_first=True, dropout=0.5)
+    drops = [i for i, m in enumerate(net.head) if isinstance(m, torch.nn.Dropout)]
+    assert drops == [len(net.head) - 2] and isinstance(net.head[-1], torch.nn.Linear)
+    assert net.head[drops[0]].p == 0.5
+    x = torch.rand(16, 1, 28, 28)
+    net.train()
+    # the last hidden layer's output, half of it zeroed (and the rest doubled) in training
+    hidden = net.head[:-2](net.features((x - net.mean) / net.std))
+    dropped = net.head[-2](hidden)
+    zeroed = (dropped == 0) & (hidden != 0)
+    assert 0.3 < zeroed.float().mean() < 0.7
+    assert torch.allclose(dropped[~zeroed], 2 * hidden[~zeroed])
+    net.eval()  # no dropout in evaluation: deterministic
+    assert torch.equal(net(x), net(x))
+    from dmlrun.components import build
+
+    with pytest.raises(ConfigError, match=r"model=convnet_bn .*dropout=1.0 must be in \[0, 1\)"):
+        build(compose_cfg(["model.dropout=1.0"]).model, "model=convnet_bn")
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_convnet_pool_first_is_the_same_function_while_prelu_slopes_are_non_negative(
         batch_norm: bool):
@@ -253,6 +279,18 @@ def test_the_default_recipe_leaves_no_setting_behind_when_a_group_changes(group)
         cfg = compose_cfg([f"{group}={name}"])
         alone = compose_cfg([f"{group}={name}", "experiment=contrastive"])
         assert set(cfg[group] or {}) <= set(alone[group] or {}), (group, name)
+
+
+def test_the_default_recipe_on_mnist_holds_out_1000_images():
+    """experiment_dataset/default_mnist.yaml: `dmlrun` alone trains on 59,000 MNIST images
+    and validates on 1,000; every other experiment, and the default on another dataset,
+    keeps its dataset's hold-out; the command line wins."""
+    assert compose_cfg([]).dataset.val_size == 1000
+    assert compose_cfg(["model.embedding_dim=64", "loss=triplet"]).dataset.val_size == 1000
+    for overrides in (["experiment=contrastive"], ["experiment=triplet_hard"],
+                      ["dataset=fashion_mnist"], ["dataset.val_size=5000"]):
+        assert compose_cfg(overrides).dataset.val_size == 5000, overrides
+    assert compose_cfg(["dataset=image_folder"]).dataset.val_size == 100
 
 
 def test_triplet_with_hard_miner_gets_its_specialisation():

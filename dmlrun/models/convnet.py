@@ -10,7 +10,9 @@ from dmlrun.models.base import Embedder
 
 class ConvNet(Embedder):
     """Conv(5x5)[+BatchNorm]+PReLU+MaxPool blocks, then an MLP head to ``embedding_dim``
-    (``batch_norm``: also BatchNorm1d after each hidden linear layer).
+    (``batch_norm``: also BatchNorm1d after each hidden linear layer; ``dropout``: that
+    fraction of the last hidden layer's units zeroed in training, before the embedding
+    layer, where no BatchNorm follows to see the shifted variance).
 
     ``pool_first`` max-pools before the PReLU: the same function while every PReLU slope
     is >= 0 (a max commutes with a non-decreasing map), with the activation and its
@@ -39,6 +41,7 @@ class ConvNet(Embedder):
         std: float = 0.3081,
         batch_norm: bool = False,
         pool_first: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(embedding_dim, l2_normalize, mean, std)
         blocks: list[nn.Module] = []
@@ -64,8 +67,13 @@ class ConvNet(Embedder):
             norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
             return [nn.Linear(n_in, hidden_dim, bias=not batch_norm), *norm, nn.PReLU()]
 
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        # no module at 0: the head's parameter names stay those of earlier checkpoints
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
         self.head = nn.Sequential(nn.Flatten(), *hidden(c_in * size * size),
-                                  *hidden(hidden_dim), nn.Linear(hidden_dim, embedding_dim))
+                                  *hidden(hidden_dim), *drop,
+                                  nn.Linear(hidden_dim, embedding_dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if self._pool_first_now():
