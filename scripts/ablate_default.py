@@ -11,9 +11,9 @@
     python scripts/ablate_default.py --write-docs     # also put the tables in docs/results.md
 
 Each arm is a real `dmlrun <overrides> seed=<s>` run (full MNIST: 55,000 train / 5,000
-validation / 10,000 test, the hold-out the recipe was chosen with; the shipped `dmlrun`, and
-the arms that are it with one change, hold out 1,000 and train on 59,000; see VAL_5K) in
-its own folder under --out; an arm whose folder already holds
+validation / 10,000 test, the hold-out the recipe was chosen with; the arms `default` and
+`hinge`, the shipped `dmlrun` and its hinge, hold out 1,000 and train on 59,000; see
+VAL_5K) in its own folder under --out; an arm whose folder already holds
 summary.json is read, not run again. Arms are chosen on the validation columns (val P@1
 and MAP@R of the tested epoch: the best validation epoch, or the last where the arm sets
 trainer.select=last, as the shipped default does); the test columns are reported, never
@@ -53,7 +53,8 @@ BN_PF = [*T8C, "model=convnet_bn", "model.channels=[32,64]", "augment=affine"]
 # fixed, it trains on the rest); the arms on top of `dmlrun` measured before pin it, so
 # they rerun as measured
 VAL_5K = ["dataset.val_size=5000"]
-# the default's warp on every epoch, as before its last epoch trained unwarped
+# the default's warp on every epoch, as before its last epoch trained unwarped (and with
+# 5,000 held out, as then)
 EVERY_EPOCH = ["trainer.no_aug_epochs=0", *VAL_5K]
 # augment=affine's warp (12 degrees, 2.5 px, scale 0.9-1.1, shear 8 degrees) on every
 # epoch, which the default used until it took the weaker one (default_warp_weak, now
