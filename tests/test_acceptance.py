@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
     # easy-positive hard-negative triplets train from a random start (0.9765 / 0.8425)
     (["experiment=triplet", "trainer.max_epochs=5"], 2, 0.95, 0.8),
     # the default recipe in 64-D (docs/results.md: 0.9957 / 0.9913 on seed 0, two threads,
-    # 0.9929 / 0.9902 on one; seeds 1 and 2 0.9941 / 0.9897 and 0.9937 / 0.9914)
-    (["model.embedding_dim=64"], 64, 0.993, 0.987),
+    # 0.9929 / 0.9902 on one, as pytest-xdist's workers run it on 2 cores; seeds 1 and 2
+    # 0.9941 / 0.9897 and 0.9937 / 0.9914)
+    (["model.embedding_dim=64"], 64, 0.991, 0.986),
 ])
 def test_default_run_reaches_precision_at_1(tmp_path, data_dir, overrides, dim, p1,
                                             map_at_r):
