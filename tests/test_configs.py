@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from dmlrun.components import build_components, has_target
+from dmlrun.components import build, build_components, has_target
 from dmlrun.errors import ConfigError
 from tests.conftest import compose_cfg
 
@@ -119,8 +119,6 @@ def test_convnet_dropout_drops_before_the_embedding_layer_in_training_only():
     assert torch.allclose(dropped[~zeroed], 2 * hidden[~zeroed])
     net.eval()  # no dropout in evaluation: deterministic
     assert torch.equal(net(x), net(x))
-    from dmlrun.components import build
-
     with pytest.raises(ConfigError, match=r"model=convnet_bn .*dropout=1.0 must be in \[0, 1\)"):
         build(compose_cfg(["model.dropout=1.0"]).model, "model=convnet_bn")
 
