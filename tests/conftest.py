@@ -10,6 +10,9 @@ import torch
 from hydra import compose, initialize_config_module
 
 import dmlrun  # noqa: F401  (registers resolvers)
+from dmlrun.data.dataset import Split
+from dmlrun.data.samplers import PKSampler
+from dmlrun.models import MLP
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("DMLRUN_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
@@ -80,3 +83,14 @@ class RecordingAdam(torch.optim.Adam):
     def step(self, closure=None):
         self.seen.append(self.param_groups[0]["lr"])
         return super().step(closure)
+
+
+def rate_recording_setup() -> tuple:
+    """A tiny six-class split (60 random images), a 2-D MLP, a RecordingAdam at lr 0.01
+    and one 3 x 4 epoch of four batches: the learning-rate-per-step tests' set-up."""
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  torch.arange(6).repeat(10))
+    model = MLP(embedding_dim=2, hidden_dims=(8,))
+    opt = RecordingAdam(model.parameters(), lr=0.01)
+    return split, model, opt, PKSampler(p=3, k=4, batches_per_epoch=4).epoch(split.labels, g)

@@ -6,16 +6,12 @@ distances grows. Also the learning-rate warm-up itself."""
 import json
 
 import pytest
-import torch
 
-from dmlrun.data.dataset import Split
-from dmlrun.data.samplers import PKSampler
 from dmlrun.losses import TripletLoss
 from dmlrun.miners import HardMiner
-from dmlrun.models import MLP
 from dmlrun.run import run
 from dmlrun.train import StepConfig, train_epoch, warmup_factor
-from tests.conftest import TINY, RecordingAdam, compose_cfg, run_cli
+from tests.conftest import TINY, compose_cfg, rate_recording_setup, run_cli
 
 SHORT = [o for o in TINY if not o.startswith(("sampler.batches_per_epoch", "trainer.max_"))] + [
     "dataset.train_size=3000", "sampler.k=10", "sampler.batches_per_epoch=100",
@@ -62,12 +58,7 @@ def test_warmup_rises_linearly_per_step_and_hands_back_the_scheduled_rate():
     assert warmup_factor(0, 1, 0, 10) == 1.0
     assert [warmup_factor(0.5, 1, s, 10) for s in range(6)] == [0.2, 0.4, 0.6, 0.8, 1, 1]
     assert warmup_factor(2, 2, 4, 10) == pytest.approx(0.75)
-    g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=g),
-                  torch.arange(6).repeat(10))
-    model = MLP(embedding_dim=2, hidden_dims=(8,))
-    opt = RecordingAdam(model.parameters(), lr=0.01)
-    epoch = PKSampler(p=3, k=4, batches_per_epoch=4).epoch(split.labels, g)
+    split, model, opt, epoch = rate_recording_setup()
     cfg = StepConfig(progress_bar=False, warmup_epochs=2)
     for epoch_no in (1, 2, 3):
         train_epoch(model, TripletLoss(), HardMiner(), opt, split, epoch, cfg,

@@ -6,15 +6,12 @@ import math
 import pytest
 import torch
 
-from dmlrun.data.dataset import Split
-from dmlrun.data.samplers import PKSampler
 from dmlrun.losses import TripletLoss
 from dmlrun.miners import HardMiner
-from dmlrun.models import MLP
 from dmlrun.recorder import TrainingState
 from dmlrun.run import run
 from dmlrun.train import StepConfig, WeightAverage, lr_factor, train_epoch
-from tests.conftest import TINY, RecordingAdam, compose_cfg
+from tests.conftest import TINY, compose_cfg, rate_recording_setup
 
 
 def test_factor_without_anneal_is_the_warmup():
@@ -47,12 +44,7 @@ def test_cosine_starts_after_the_warmup_and_keeps_its_floor():
 
 
 def test_each_step_trains_at_the_scheduled_rate():
-    g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=g),
-                  torch.arange(6).repeat(10))
-    model = MLP(embedding_dim=2, hidden_dims=(8,))
-    opt = RecordingAdam(model.parameters(), lr=0.01)
-    epoch = PKSampler(p=3, k=4, batches_per_epoch=4).epoch(split.labels, g)
+    split, model, opt, epoch = rate_recording_setup()
     cfg = StepConfig(progress_bar=False, anneal="cosine", max_epochs=2)
     records = []
     for epoch_no in (1, 2):
