@@ -19,18 +19,27 @@ class RandomAffine:
     +-``shear`` degrees; optionally an elastic distortion (Simard et al. 2003: a random
     displacement field smoothed by a Gaussian of ``elastic_sigma`` pixels, scaled to
     ``elastic_alpha`` pixels). Bilinear sampling, zero padding; output shape and value
-    range as the input's."""
+    range as the input's.
+
+    Then, with probability ``erase_p`` per image, random erasing (Zhong et al. 2020,
+    cutout-like): a rectangle covering a fraction in ``erase_area`` of the image, of
+    aspect ratio between 1/3 and 3 (log-uniform), set to 0, the background."""
 
     def __init__(self, degrees: float = 12.0, shift: float = 2.5,
                  scale: tuple[float, float] = (0.9, 1.1), shear: float = 8.0,
-                 elastic_alpha: float = 0.0, elastic_sigma: float = 4.0) -> None:
+                 elastic_alpha: float = 0.0, elastic_sigma: float = 4.0,
+                 erase_p: float = 0.0, erase_area: tuple[float, float] = (0.02, 0.2)) -> None:
         if degrees < 0 or shift < 0 or shear < 0 or elastic_alpha < 0:
             raise ValueError("augment: degrees, shift, shear and elastic_alpha must be >= 0")
         if not 0 < scale[0] <= scale[1]:
             raise ValueError(f"augment.scale must be (low, high) with 0 < low <= high, got "
                              f"{scale}")
+        if not 0 <= erase_p <= 1 or not 0 < erase_area[0] <= erase_area[1] <= 1:
+            raise ValueError(f"augment: erase_p must be in [0, 1] and erase_area (low, high) "
+                             f"with 0 < low <= high <= 1, got {erase_p}, {erase_area}")
         self.degrees, self.shift, self.scale, self.shear = degrees, shift, tuple(scale), shear
         self.elastic_alpha, self.elastic_sigma = elastic_alpha, elastic_sigma
+        self.erase_p, self.erase_area = erase_p, tuple(erase_area)
 
     def matrices(self, n: int, height: int, width: int, device: torch.device,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -57,8 +66,26 @@ class RandomAffine:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         if self.elastic_alpha > 0:
             grid = grid + self._elastic(n, h, w, x, generator)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
+        return self._erase(x, generator) if self.erase_p > 0 else x
+
+    def _erase(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        u = torch.rand(n, 5, device=x.device, generator=generator)
+        lo, hi = self.erase_area
+        area = (lo + u[:, 0] * (hi - lo)) * h * w
+        aspect = torch.exp((u[:, 1] * 2 - 1) * math.log(3.0))
+        eh = torch.sqrt(area * aspect).round().clamp(1, h)
+        ew = torch.sqrt(area / aspect).round().clamp(1, w)
+        top = (u[:, 2] * (h - eh + 1)).floor()
+        left = (u[:, 3] * (w - ew + 1)).floor()
+        rows = torch.arange(h, device=x.device)[None, :]
+        cols = torch.arange(w, device=x.device)[None, :]
+        in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (n, h)
+        in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (n, w)
+        erase = in_rows[:, :, None] & in_cols[:, None, :] & (u[:, 4] < self.erase_p)[:, None, None]
+        return x.masked_fill(erase[:, None], 0.0)
 
     def _elastic(self, n: int, h: int, w: int, x: torch.Tensor,
                  generator: torch.Generator | None) -> torch.Tensor:
@@ -77,4 +104,5 @@ class RandomAffine:
 
     def __repr__(self) -> str:
         return (f"RandomAffine(degrees={self.degrees}, shift={self.shift}, "
-                f"scale={self.scale}, shear={self.shear}, elastic_alpha={self.elastic_alpha})")
+                f"scale={self.scale}, shear={self.shear}, elastic_alpha={self.elastic_alpha}, "
+                f"erase_p={self.erase_p})")

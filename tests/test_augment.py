@@ -76,6 +76,26 @@ def test_elastic_distortion_differs_per_image_and_the_configs_build():
     assert validate_config(compose_cfg(["augment=none"])).augment is None
 
 
+
+def test_random_erasing_zeroes_one_rectangle_of_the_asked_area_in_the_asked_share():
+    x = torch.ones(4000, 1, 28, 28)
+    y = RandomAffine(0, 0, (1, 1), 0, erase_p=0.5, erase_area=(0.05, 0.2))(
+        x, torch.Generator().manual_seed(4))
+    erased = 1 - y.mean((1, 2, 3))
+    hit = erased > 1e-3  # the identity warp itself moves values by float rounding only
+    assert abs(hit.float().mean().item() - 0.5) < 0.04  # 4,000 draws: sd 0.008
+    # rounding the sides to whole pixels moves the area a little either way
+    assert erased[hit].min() > 0.03 and erased[hit].max() < 0.24
+    assert abs(erased[hit].mean().item() - 0.125) < 0.01
+    # one axis-aligned rectangle: the zeroed pixels fill their bounding box
+    zero = y[hit][:50, 0] < 0.5
+    rows, cols = zero.any(2), zero.any(1)
+    assert torch.equal(zero.sum((1, 2)), rows.sum(1) * cols.sum(1))
+    untouched = RandomAffine(0, 0, (1, 1), 0, erase_p=0.0)(x)
+    torch.testing.assert_close(untouched, x, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="erase"):
+        RandomAffine(erase_p=1.5)
+
 @pytest.mark.parametrize("no_aug, start, per_epoch", [(0, 1, [4, 4, 4]), (1, 1, [4, 4, 0]),
                                                       (2, 1, [4, 0, 0]), (1, 3, [0])])
 def test_the_last_no_aug_epochs_train_on_the_images_as_they_are(no_aug, start, per_epoch):
