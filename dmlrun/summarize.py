@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from scipy.stats import t
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from dmlrun import report  # noqa: E402
 
@@ -103,11 +105,27 @@ def _saved_config(path: Path) -> DictConfig | None:
     return OmegaConf.load(config) if config.is_file() else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _saved_choices(path: Path) -> dict[str, str]:
+    """A run's config group choices (``loss -> triplet_soft``), as Hydra recorded them in
+    .hydra/hydra.yaml; empty where that file is missing."""
+    hydra_file = path / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices",
+                               default=None)
+    return {} if choices is None else {str(k): str(v) for k, v in choices.items()
+                                       if v is not None}
+
+
 def setting(run: RunInfo, key: str) -> str:
-    """The run's value of ``key``: its override, else the default it ran with (read from
-    its saved config; a group's choice from the ``_target_`` of that group)."""
+    """The run's value of ``key``: its override, else the default it ran with: a group's
+    choice as Hydra recorded it (``.hydra/hydra.yaml``; without that file, the class name
+    of the group's ``_target_``), any other key from its saved config."""
     if key in run.config:
         return run.config[key]
+    if key in (choices := _saved_choices(run.path)):
+        return choices[key]
     config = _saved_config(run.path)
     if config is None:
         return ""
@@ -150,7 +168,9 @@ def to_markdown(rows: list[dict]) -> str:
     cols = list(rows[0])
 
     def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.4f}"  # std and CI of a single run
+        return str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
@@ -158,7 +178,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def comparison_plot(rows: list[dict], metric: str, path: Path, label_cols: list[str]) -> None:
-    labels = [", ".join(str(r[c]) for c in label_cols) or "all" for r in rows]
+    labels = [", ".join(str(r[c]) for c in label_cols if str(r[c])) or "all" for r in rows]
     means = [r[f"{metric} mean"] for r in rows]
     cis = [0.0 if math.isnan(r[f"{metric} ci95"]) else r[f"{metric} ci95"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
@@ -168,6 +188,8 @@ def comparison_plot(rows: list[dict], metric: str, path: Path, label_cols: list[
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_ylabel(f"{metric} (mean, 95% CI)")
+    if label_cols:
+        ax.set_xlabel(", ".join(label_cols), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -185,7 +207,9 @@ def embedding_grid(runs: list[RunInfo], varying: list[str], path: Path,
         return 0
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 0.8, 3.6 * rows),
+                             squeeze=False, layout="constrained")
+    classes: set[int] = set()
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, shown, strict=False):
@@ -197,8 +221,14 @@ def embedding_grid(runs: list[RunInfo], varying: list[str], path: Path,
         title = ", ".join(f"{k}={setting(r, k)}" for k in [*varying, "seed"]
                           if setting(r, k)) or r.path.name
         p1 = r.metrics.get("test.precision_at_1", math.nan)
-        ax.set_title(f"{title}\nP@1 {p1:.3f}", fontsize=8)
-    fig.tight_layout()
+        # wrapped to the panel's width, so that neighbouring titles do not run together
+        ax.set_title("\n".join([*textwrap.wrap(title, 44), f"P@1 {p1:.3f}"]), fontsize=8)
+        classes.update(int(c) for c in labels.unique())
+    if classes and max(classes) <= 9:  # one key for the colours, as the run's plot has
+        handles = [Line2D([], [], ls="", marker="o", color=plt.get_cmap("tab10")(c))
+                   for c in sorted(classes)]
+        fig.legend(handles, [str(c) for c in sorted(classes)], title="class",
+                   loc="outside right", fontsize=8, title_fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return len(shown)

@@ -84,3 +84,34 @@ def test_a_key_one_run_left_at_its_default_shows_the_default(tmp_path):
         (d / ".hydra" / "config.yaml").write_text("seed: 0\nloss:\n  margin: 1.0\n")
     rows = summarize([str(tmp_path)], "test.precision_at_1")["rows"]
     assert sorted(r["loss.margin"] for r in rows) == ["0.5", "1.0"]
+
+
+def test_a_group_left_at_its_default_shows_the_choice_hydra_recorded(tmp_path):
+    fake_run(tmp_path, "a", ["loss=triplet", "experiment=triplet_hard"], 0.9)
+    b = fake_run(tmp_path, "b", [], 0.8)
+    c = fake_run(tmp_path, "c", ["loss=contrastive"], 0.7)
+    (c / ".hydra" / "config.yaml").write_text(
+        "seed: 0\nexperiment: null\nloss:\n  _target_: dmlrun.losses.ContrastiveLoss\n")
+    # b ran the default recipe: Hydra's record names loss=triplet_soft, whose class
+    # (TripletLoss) is the same as loss=triplet's
+    (b / ".hydra" / "config.yaml").write_text(
+        "seed: 0\nloss:\n  _target_: dmlrun.losses.TripletLoss\n")
+    (b / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      loss: triplet_soft\n      experiment: default\n"
+        "      debug: null\n")
+    result = summarize([str(tmp_path)], "test.precision_at_1")
+    rows = {r["loss"]: r for r in result["rows"]}
+    assert result["varying"] == ["experiment", "loss"]
+    assert rows["triplet_soft"]["experiment"] == "default"
+    assert rows["triplet"]["experiment"] == "triplet_hard"
+    assert rows["contrastive"]["experiment"] == ""  # no record, no value: left blank
+    # without Hydra's record, the group's class stands in
+    (b / ".hydra" / "hydra.yaml").unlink()
+    from dmlrun.summarize import _saved_choices
+
+    _saved_choices.cache_clear()
+    rows = summarize([str(tmp_path)], "test.precision_at_1")["rows"]
+    assert "(TripletLoss)" in {r["loss"] for r in rows}
+    # one run per row: no spread to show, a dash rather than "nan"
+    table = (tmp_path / "summary.md").read_text()
+    assert "nan" not in table and "| - |" in table
