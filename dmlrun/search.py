@@ -67,7 +67,10 @@ def nearest_neighbours(
     """Exact search, the same as the metrics': the ``k`` nearest rows of (N, D) ``reference``
     for each of (Q, D) ``queries``, ordered by (distance, reference index). ``exclude`` (Q,):
     a reference row to leave out of each query's neighbours (its own item; -1 for none).
-    Returns (Q, k) indices and (Q, k) distances; k is capped at the references available."""
+    Returns (Q, k) indices and (Q, k) distances; k is capped at the references available.
+    The distances returned are computed again for the pairs found, difference first: the
+    search's matrix form (|x|^2 + |y|^2 - 2 x.y) loses about 1e-3 to rounding near zero,
+    so that an image's own copy would read 0.001 away."""
     distance = distance if distance is not None else EuclideanDistance()
     k = min(k, len(reference) - int(exclude is not None and bool((exclude >= 0).any())))
     if len(queries) == 0 or k <= 0:
@@ -79,16 +82,12 @@ def nearest_neighbours(
     loo = exclude is not None and len(queries) == len(reference) and torch.equal(
         exclude.cpu(), torch.arange(len(queries))) and torch.equal(queries, reference)
     idx, dist = [], []
-    for start, stop, nn_idx, d in _search(queries, reference, distance, ks, loo, chunk_size,
+    for start, stop, nn_idx, _ in _search(queries, reference, distance, ks, loo, chunk_size,
                                           None if loo else exclude):
         nn_idx = nn_idx[:, :k].to(queries.device)
         idx.append(nn_idx)
-        if d is None:  # the symmetric search keeps no rows: the distances of the k found
-            rows = queries[start:stop].repeat_interleave(k, dim=0)
-            d = distance.paired(rows, reference[nn_idx.reshape(-1)]).view(-1, k)
-            dist.append(d)
-        else:
-            dist.append(d.gather(1, nn_idx))
+        rows = queries[start:stop].repeat_interleave(k, dim=0)
+        dist.append(distance.paired(rows, reference[nn_idx.reshape(-1)]).view(-1, k))
     return torch.cat(idx), torch.cat(dist)
 
 

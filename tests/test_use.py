@@ -76,7 +76,18 @@ def test_nearest_neighbours_equal_a_stable_sort_with_ties_by_index(distance):
     full[torch.arange(40), torch.arange(40)] = float("inf")
     want = torch.sort(full, dim=1, stable=True).indices[:, :7]
     assert torch.equal(idx, want)
-    assert torch.equal(dist, full.gather(1, want))
+    # the distances of the pairs found, computed again difference first
+    torch.testing.assert_close(dist, full.gather(1, want), atol=1e-5, rtol=1e-6)
+
+
+def test_a_copy_of_a_reference_reads_zero_away_not_the_matrix_forms_rounding():
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(500, 64, generator=g) * 3  # norms about 24: |x|^2 about 580
+    idx, dist = nearest_neighbours(ref[:20].clone(), ref, 3, EuclideanDistance())
+    assert torch.equal(idx[:, 0], torch.arange(20))
+    assert dist[:, 0].max() < 1e-5  # sqrt of the 1e-12 floor
+    expected = (ref[:20, None] - ref[idx[:, 1:]]).norm(dim=2)
+    torch.testing.assert_close(dist[:, 1:], expected, atol=1e-5, rtol=1e-6)
 
 
 def test_an_index_of_the_test_split_gives_the_runs_test_p_at_1_exactly(trained, test_index):
