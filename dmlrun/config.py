@@ -1,9 +1,10 @@
-"""OmegaConf resolvers used by the shipped configs."""
+"""OmegaConf resolvers used by the shipped configs, and the command that resumes a run."""
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -34,6 +35,14 @@ def if_resume(resume: str | None, then: str, otherwise: str) -> str:
 
 
 RUN_MARKERS = ("checkpoints", "summary.json", "metrics.jsonl")
+
+
+def resume_command_for(run_dir: Path | str, overrides: list[str]) -> str:
+    """The shell command that continues the run in ``run_dir``, given the overrides it was
+    started with: the same overrides, and ``trainer.resume``."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in
+            ("trainer.resume", "hydra.run.dir")]
+    return shlex.join(["dmlrun", *keep, f"trainer.resume={run_dir}"])
 
 
 def hydra_subdir(resume: str | None, run_dir: str) -> str:

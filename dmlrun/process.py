@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from dmlrun import components, distributed
 from dmlrun.assemble import validate_config
 from dmlrun.components import choice, resolve_device
+from dmlrun.config import resume_command_for
 from dmlrun.errors import env_rank
 
 log = logging.getLogger("dmlrun")
@@ -26,12 +26,10 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra'
 
 
 def resume_command(run_dir: Path) -> str:
-    """The shell command that continues the run in ``run_dir``: the same overrides, and
-    ``trainer.resume``."""
+    """The shell command that continues the run in ``run_dir``: this invocation's
+    overrides, and ``trainer.resume``."""
     given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    keep = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in
-            ("trainer.resume", "hydra.run.dir")]
-    return shlex.join(["dmlrun", *keep, f"trainer.resume={run_dir}"])
+    return resume_command_for(run_dir, list(given))
 
 
 def rank_entry(config: dict, run_dir: str, choices: dict) -> None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dmlrun import checkpoint
-from dmlrun.config import RUN_MARKERS
+from dmlrun.config import RUN_MARKERS, resume_command_for
 from dmlrun.errors import ConfigError, UserError
 from dmlrun.train import STEP_FIELDS
 
@@ -31,6 +31,23 @@ from dmlrun.train import STEP_FIELDS
 CONFIG_KEYS_FREE_ON_RESUME = ("trainer", "paths", "hydra")
 # ... except these trainer settings, which change the result.
 TRAINER_KEYS_FIXED_ON_RESUME = ("max_epochs", "channels_last", "amp", "select")
+MAX_DIFFERENCES_SHOWN = 6
+
+
+def _differences(key: str, then: Any, now: Any) -> list[str]:
+    """``"key: A in the run, B now"`` for every leaf under ``key`` that differs."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(then) | set(now), key=str)
+                for d in _differences(f"{key}.{k}", then.get(k), now.get(k))]
+    return [] if then == now else [f"{key}: {then} in the run, {now} now"]
+
+
+def _own_resume_command(run_dir: Path) -> str:
+    """The command that resumes ``run_dir`` with the overrides it was started with (its
+    ``.hydra/overrides.yaml``)."""
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else []
+    return resume_command_for(run_dir, [str(o) for o in overrides or []])
 
 
 @dataclass
@@ -189,16 +206,20 @@ class Recorder:
         self.first_neg_distance = done[0]["first_neg_distance"]
         return last + 1, done
 
-    @staticmethod
-    def _check_same_config(cfg: DictConfig, then: dict[str, Any]) -> None:
+    def _check_same_config(self, cfg: DictConfig, then: dict[str, Any]) -> None:
         now = OmegaConf.to_container(cfg, resolve=True)
-        differ = sorted(k for k in set(now) | set(then)
-                        if k not in CONFIG_KEYS_FREE_ON_RESUME and now.get(k) != then.get(k))
-        differ += [f"trainer.{k}" for k in TRAINER_KEYS_FIXED_ON_RESUME
-                   if now["trainer"].get(k) != then["trainer"].get(k)]
+        differ = [d for k in sorted(set(now) | set(then)) if k not in CONFIG_KEYS_FREE_ON_RESUME
+                  for d in _differences(k, then.get(k), now.get(k))]
+        differ += [d for k in TRAINER_KEYS_FIXED_ON_RESUME
+                   for d in _differences(f"trainer.{k}", then["trainer"].get(k),
+                                         now["trainer"].get(k))]
         if differ:
-            raise ConfigError(f"trainer.resume: the config differs from the run's own in "
-                              f"{', '.join(differ)}; resume with the same settings")
+            shown = "; ".join(differ[:MAX_DIFFERENCES_SHOWN]) + (
+                f"; and {len(differ) - MAX_DIFFERENCES_SHOWN} more"
+                if len(differ) > MAX_DIFFERENCES_SHOWN else "")
+            raise ConfigError(f"trainer.resume: the config differs from the run's own: "
+                              f"{shown}. Resume with the run's own settings: "
+                              f"{_own_resume_command(self.dir)}")
 
     def best_state(self, device: torch.device) -> dict[str, Any]:
         """best.pt; UserError when no epoch gave finite validation metrics."""
