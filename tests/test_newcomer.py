@@ -114,6 +114,17 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path):
                          True, 0)
     assert list(tmp_path.iterdir()) == []
 
+    class Wordy(Offline):
+        def __init__(self, root, train, download):
+            raise RuntimeError("Tried " + "http://mirror.example/ " * 20)
+
+    # a long reason is cut with an ellipsis, and the advice after it is whole
+    with pytest.raises(UserError) as err:
+        load_idx_dataset(Wordy, str(tmp_path / "data"), "wordy", 100, None, None, True, 0)
+    message = str(err.value)
+    assert "...). Put the four uncompressed files" in message
+    assert message.endswith("(files under <dir>/Wordy/raw/).")
+
 
 @pytest.fixture(scope="module")
 def relative_run(tmp_path_factory):

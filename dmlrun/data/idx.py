@@ -70,7 +70,9 @@ def load_idx_dataset(
         reason = _try_download(dataset_cls, root_path)
         missing = _missing(raw_dir)
     if missing:
-        how = f"the download failed ({reason[:200]})" if reason else "downloading is off"
+        if reason and len(reason) > 200:
+            reason = reason[:197] + "..."  # said so, rather than cut mid-word
+        how = f"the download failed ({reason})" if reason else "downloading is off"
         raise UserError(
             f"{folder} data not found: {', '.join(missing)} missing in {raw_dir.resolve()} "
             f"and {how}. Put the four uncompressed files (torchvision's raw layout) there, "
