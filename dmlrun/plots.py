@@ -47,6 +47,9 @@ def robust_limits(points: Sequence[torch.Tensor], pad: float = 0.05) -> Limits:
     return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
 
 
+MAX_LEGEND = 20
+
+
 def scatter(
     points: torch.Tensor,
     labels: torch.Tensor,
@@ -56,7 +59,9 @@ def scatter(
     limits: Limits | None = None,
     xlabel: str = "",
 ) -> Path:
-    """Save a scatter of (N, 2) points, one colour per class, legend, equal aspect."""
+    """Save a scatter of (N, 2) points, one colour per class, equal aspect; a legend of
+    the classes up to ``MAX_LEGEND`` of them (more would not fit beside the plot, and
+    their colours repeat: the title says how many)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = labels.cpu()
@@ -73,10 +78,13 @@ def scatter(
     if limits is not None:
         ax.set_xlim(limits[0], limits[1])
         ax.set_ylim(limits[2], limits[3])
+    if len(classes) > MAX_LEGEND:
+        title = f"{title}\n({len(classes)} classes; colours repeat every {cmap.N})"
     ax.set_title(title, fontsize=10)
     if xlabel:
         ax.set_xlabel(xlabel)
-    ax.legend(markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    if len(classes) <= MAX_LEGEND:
+        ax.legend(markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

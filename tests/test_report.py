@@ -10,6 +10,7 @@ import shutil
 
 import matplotlib.pyplot as plt
 import pytest
+import torch
 from PIL import Image
 
 from dmlrun import plots
@@ -87,6 +88,19 @@ def test_a_one_epoch_axis_has_whole_epochs():
     plots.epoch_axis(ax, 1)
     assert list(ax.get_xticks()) == [0, 1]
     plt.close(fig)
+
+
+def test_a_scatter_of_many_classes_has_no_legend_and_fits(tmp_path):
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    points, labels = torch.randn(2000, 2, generator=g), torch.arange(100).repeat(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a legend of 100 names made tight_layout give up
+        path = plots.scatter(points, labels, tmp_path / "many.png", "test")
+    assert path.stat().st_size > 0
+    few = plots.scatter(points[:200], labels[:200] % 10, tmp_path / "few.png", "test")
+    assert few.stat().st_size > 0
 
 
 def test_summary_json_is_valid_json_with_the_new_fields(finished):
