@@ -48,10 +48,15 @@ def data_root(stored: dict[str, Any], overrides: list[str]) -> str | None:
 
 def _dataset_node(config: dict, overrides: list[str]) -> DictConfig:
     """The run's dataset config with ``overrides`` applied; ``dataset=<name>`` swaps in a
-    shipped dataset config (composed like the CLI does)."""
+    shipped dataset config (composed like the CLI does). Naming the run's own dataset
+    keeps the run's node, so its hold-out and caps stay: a fresh config would split
+    validation anew, over images the run trained on."""
     bad = [o for o in overrides if not o.startswith(("dataset=", "dataset.", "paths."))]
     if bad:
         raise UserError(f"only dataset and paths settings can be changed here, got {bad}")
+    own = config.get("dataset", {}).get("name")
+    if own is not None and f"dataset={own}" in overrides:
+        overrides = [o for o in overrides if not o.startswith("dataset=")]
     root = data_root(config, overrides)
     if any(o.startswith("dataset=") for o in overrides):
         extra = [f"paths.data_dir={root}"] if root is not None else []

@@ -231,6 +231,20 @@ def test_evaluate_command_on_run_folder(finished_run, tmp_path):
     assert res.returncode == 2 and "refusing to overwrite" in res.stderr
 
 
+def test_naming_the_runs_own_dataset_keeps_its_hold_out(finished_run):
+    from dmlrun.evaluate_cli import evaluate_checkpoint
+
+    own = evaluate_checkpoint(finished_run, split="val", device="cpu")
+    named = evaluate_checkpoint(finished_run, ["dataset=mnist"], split="val", device="cpu")
+    # the run's 500 held-out images, not a fresh config's hold-out drawn over its training
+    # images
+    assert own["n"] == named["n"] == 500
+    assert named["metrics"] == own["metrics"]
+    capped = evaluate_checkpoint(finished_run, ["dataset=mnist", "dataset.test_size=300"],
+                                 device="cpu")
+    assert capped["n"] == 300
+
+
 def test_evaluate_command_bad_path(tmp_path):
     res = run_cli([str(tmp_path / "missing.pt")], cwd=tmp_path,
                   exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])
