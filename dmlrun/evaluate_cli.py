@@ -121,7 +121,8 @@ def evaluate_checkpoint(
                                   tuple(data_config.get("recall_ks") or RECALL_KS),
                                   bool(evaluation.get("clustering", True)))
     result = {"checkpoint": str(ckpt), "epoch": state.get("epoch"), "dataset": data.name,
-              "split": split, "n": len(part), "metrics": metrics}
+              "overrides": list(overrides or []), "split": split, "n": len(part),
+              "metrics": metrics}
     if plots_dir is not None and plots_dir is not False:
         out = default_plots_dir(path, data.name, split) if plots_dir is True else \
             Path(plots_dir)

@@ -242,7 +242,7 @@ def test_naming_the_runs_own_dataset_keeps_its_hold_out(finished_run):
     assert named["metrics"] == own["metrics"]
     capped = evaluate_checkpoint(finished_run, ["dataset=mnist", "dataset.test_size=300"],
                                  device="cpu")
-    assert capped["n"] == 300
+    assert capped["n"] == 300 and capped["overrides"] == ["dataset=mnist", "dataset.test_size=300"]
 
 
 def test_evaluate_command_bad_path(tmp_path):
