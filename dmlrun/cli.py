@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 import dmlrun.config  # noqa: F401  (registers resolvers before Hydra composes)
 from dmlrun import __version__
-from dmlrun.errors import EXIT_USER_ERROR, RANK_GRACE_S, ConfigError, UserError, env_rank
+from dmlrun.errors import EXIT_USER_ERROR, RANK_GRACE_S, UserError, env_rank
 
 log = logging.getLogger("dmlrun")
 
@@ -68,8 +68,9 @@ def main(cfg: DictConfig) -> float | None:
             (run_dir / "FAILED").write_text(f"{exc}\n")
             return None
         _log_to_file(f"error: {exc}")
-        if isinstance(exc, ConfigError):
-            _discard_if_empty(run_dir)
+        # a start refused before the run wrote anything (a config error, missing data)
+        # leaves no folder; one with checkpoints or metrics is kept
+        _discard_if_empty(run_dir)
         fail(str(exc), code)
     if summary is None:  # a rank other than 0 of a multi-process run
         return None

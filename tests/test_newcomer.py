@@ -126,6 +126,15 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path):
     assert message.endswith("(files under <dir>/Wordy/raw/).")
 
 
+def test_missing_data_is_one_message_and_leaves_no_run_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = run_cli([*QUICK, "dataset.download=false", f"hydra.run.dir={tmp_path / 'r'}"],
+                  cwd=tmp_path, env_extra={"DMLRUN_DATA_DIR": str(tmp_path / "empty")})
+    assert res.returncode == 2 and "MNIST data not found" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.fixture(scope="module")
 def relative_run(tmp_path_factory):
     """A tiny run started in one folder with a relative data root (as CI's ../shared/data)."""
