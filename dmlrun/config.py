@@ -37,6 +37,16 @@ def if_resume(resume: str | None, then: str, otherwise: str) -> str:
 RUN_MARKERS = ("checkpoints", "summary.json", "metrics.jsonl")
 
 
+def saved_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides a run was started with, as Hydra saved them
+    (``.hydra/overrides.yaml``; ``.hydra-resume/`` where only that exists); [] if none."""
+    for sub in (".hydra", ".hydra-resume"):
+        saved = run_dir / sub / "overrides.yaml"
+        if saved.is_file():
+            return [str(o) for o in OmegaConf.to_container(OmegaConf.load(saved)) or []]
+    return []
+
+
 def resume_command_for(run_dir: Path | str, overrides: list[str]) -> str:
     """The shell command that continues the run in ``run_dir``, given the overrides it was
     started with: the same overrides, and ``trainer.resume``."""

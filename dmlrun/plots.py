@@ -78,13 +78,13 @@ def scatter(
     if limits is not None:
         ax.set_xlim(limits[0], limits[1])
         ax.set_ylim(limits[2], limits[3])
-    if len(classes) > MAX_LEGEND:
+    if len(classes) <= MAX_LEGEND:
+        ax.legend(markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    else:
         title = f"{title}\n({len(classes)} classes; colours repeat every {cmap.N})"
     ax.set_title(title, fontsize=10)
     if xlabel:
         ax.set_xlabel(xlabel)
-    if len(classes) <= MAX_LEGEND:
-        ax.legend(markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

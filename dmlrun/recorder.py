@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dmlrun import checkpoint
-from dmlrun.config import RUN_MARKERS, resume_command_for
+from dmlrun.config import RUN_MARKERS, resume_command_for, saved_overrides
 from dmlrun.errors import ConfigError, UserError
 from dmlrun.train import STEP_FIELDS
 
@@ -40,14 +40,6 @@ def _differences(key: str, then: Any, now: Any) -> list[str]:
         return [d for k in sorted(set(then) | set(now), key=str)
                 for d in _differences(f"{key}.{k}", then.get(k), now.get(k))]
     return [] if then == now else [f"{key}: {then} in the run, {now} now"]
-
-
-def _own_resume_command(run_dir: Path) -> str:
-    """The command that resumes ``run_dir`` with the overrides it was started with (its
-    ``.hydra/overrides.yaml``)."""
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else []
-    return resume_command_for(run_dir, [str(o) for o in overrides or []])
 
 
 @dataclass
@@ -219,7 +211,7 @@ class Recorder:
                 if len(differ) > MAX_DIFFERENCES_SHOWN else "")
             raise ConfigError(f"trainer.resume: the config differs from the run's own: "
                               f"{shown}. Resume with the run's own settings: "
-                              f"{_own_resume_command(self.dir)}")
+                              f"{resume_command_for(self.dir, saved_overrides(self.dir))}")
 
     def best_state(self, device: torch.device) -> dict[str, Any]:
         """best.pt; UserError when no epoch gave finite validation metrics."""

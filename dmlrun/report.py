@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dmlrun.config import saved_overrides
 from dmlrun.metrics import display_order
 
 SHORT = {"precision_at_1": "P@1", "recall_at_1": "R@1", "recall_at_2": "R@2",
@@ -77,13 +78,7 @@ def page(title: str, body: Sequence[str]) -> str:
 
 
 def _command(run_dir: Path) -> str:
-    overrides: list[str] = []
-    for sub in (".hydra", ".hydra-resume"):
-        f = run_dir / sub / "overrides.yaml"
-        if f.is_file():
-            overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(f)) or []]
-            break
-    return "dmlrun " + " ".join(overrides)
+    return "dmlrun " + " ".join(saved_overrides(run_dir))
 
 
 def _metrics_table(summary: dict) -> str:

@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from dmlrun import report  # noqa: E402
+from dmlrun.config import saved_overrides  # noqa: E402
 
 IGNORED_PREFIXES = ("paths.", "hydra.", "tag")
 EXCLUDED = ("trainer.progress_bar", "trainer.device")
@@ -81,10 +82,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
 
 def load_run(path: Path) -> RunInfo:
     """A run's settings (its overrides, ``key -> value``), status and summary metrics."""
-    over_file = path / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.to_container(OmegaConf.load(over_file)) if over_file.is_file() else []
     flat = {}
-    for item in overrides or []:
+    for item in saved_overrides(path):
         key, _, value = str(item).lstrip("+~").partition("=")
         if not key.startswith(IGNORED_PREFIXES) and key not in EXCLUDED:
             flat[key] = value
