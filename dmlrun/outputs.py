@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-import torchvision
 
 from dmlrun import __version__, plots, retrieval_plots
 from dmlrun.assemble import Context
@@ -31,8 +31,10 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def versions() -> dict[str, str]:
+    # torchvision's from its package metadata: importing it costs seconds, and most runs
+    # (MNIST, the convnet) never do
     return {"dmlrun": __version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "hydra": hydra.__version__,
+            "torchvision": metadata.version("torchvision"), "hydra": hydra.__version__,
             "python": platform.python_version()}
 
 

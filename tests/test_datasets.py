@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dmlrun.data.dataset import stratified_split
-from dmlrun.data.idx import load_fashion_mnist, load_mnist
+from dmlrun.data.idx import load_fashion_mnist, load_mnist, read_idx
 from dmlrun.data.image_folder import load_image_folder
 from dmlrun.errors import ConfigError, UserError
 
@@ -39,6 +39,39 @@ def test_class_disjoint_split(data_dir):
     assert set(d.test.labels.tolist()) == {5, 6, 7, 8, 9}
     with pytest.raises(ConfigError, match="train_classes"):
         load_mnist(str(data_dir), download=False, train_classes=list(range(10)))
+
+
+def test_idx_files_read_as_torchvision_reads_them(data_dir):
+    from torchvision.datasets import MNIST
+
+    for train, prefix in ((True, "train"), (False, "t10k")):
+        want = MNIST(str(data_dir), train=train, download=False)
+        raw = data_dir / "MNIST" / "raw"
+        images = read_idx(raw / f"{prefix}-images-idx3-ubyte")
+        assert images.dtype == torch.uint8 and torch.equal(images, want.data)
+        assert torch.equal(read_idx(raw / f"{prefix}-labels-idx1-ubyte").long(), want.targets)
+
+
+def test_a_truncated_or_foreign_idx_file_is_one_message(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw, "train", rng.integers(0, 256, (300, 28, 28)), np.arange(300) % 10)
+    write_idx(raw, "t10k", rng.integers(0, 256, (50, 28, 28)), np.arange(50) % 10)
+    images = raw / "train-images-idx3-ubyte"
+    whole = images.read_bytes()
+    images.write_bytes(whole[:-100])
+    with pytest.raises(UserError, match="could not read FashionMNIST.*holds 235100 values "
+                                         "after its header, which says 300 x 28 x 28"):
+        load_fashion_mnist(str(tmp_path), val_size=100, download=False)
+    images.write_bytes(b"\x1f\x8b" + whole[2:])  # e.g. a gzip file under the raw name
+    with pytest.raises(UserError, match="not an IDX file of unsigned bytes"):
+        load_fashion_mnist(str(tmp_path), val_size=100, download=False)
+    images.write_bytes(whole)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(struct.pack(">II", 2049, 49) + bytes(49))  # 49 labels for 50 images
+    with pytest.raises(UserError, match=r"t10k images of shape \(50, 28, 28\) with labels of "
+                                        r"shape \(49,\)"):
+        load_fashion_mnist(str(tmp_path), val_size=100, download=False)
 
 
 def test_fashion_mnist_reads_torchvision_layout(tmp_path):

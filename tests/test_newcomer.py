@@ -4,6 +4,7 @@ and exit codes, sweeps with failed jobs, and the folders a refused start leaves.
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,25 +103,23 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path):
     from dmlrun.data.idx import load_idx_dataset
     from dmlrun.errors import UserError
 
-    class Offline:
-        """Makes <root>/Offline/raw as torchvision does, then fails like a lost network."""
-
-        def __init__(self, root, train, download):
-            (tmp_path / "data" / "sub" / "Offline" / "raw").mkdir(parents=True, exist_ok=True)
-            raise RuntimeError("Error downloading: no network")
+    def offline(folder, root, train):
+        """Makes <root>/<folder>/raw as torchvision does, then fails like a lost network."""
+        (Path(root) / folder / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading: no network")
 
     with pytest.raises(UserError, match="no network"):
-        load_idx_dataset(Offline, str(tmp_path / "data" / "sub"), "offline", 100, None, None,
-                         True, 0)
+        load_idx_dataset("Offline", str(tmp_path / "data" / "sub"), "offline", 100, None, None,
+                         True, 0, fetch=offline)
     assert list(tmp_path.iterdir()) == []
 
-    class Wordy(Offline):
-        def __init__(self, root, train, download):
-            raise RuntimeError("Tried " + "http://mirror.example/ " * 20)
+    def wordy(folder, root, train):
+        raise RuntimeError("Tried " + "http://mirror.example/ " * 20)
 
     # a long reason is cut with an ellipsis, and the advice after it is whole
     with pytest.raises(UserError) as err:
-        load_idx_dataset(Wordy, str(tmp_path / "data"), "wordy", 100, None, None, True, 0)
+        load_idx_dataset("Wordy", str(tmp_path / "data"), "wordy", 100, None, None, True, 0,
+                         fetch=wordy)
     message = str(err.value)
     assert "...). Put the four uncompressed files" in message
     assert message.endswith("(files under <dir>/Wordy/raw/).")

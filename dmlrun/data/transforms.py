@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 from dmlrun.data.streaming import decode_image
@@ -59,6 +58,10 @@ class ImageNetTransform:
         self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), bool(flip)
 
     def __call__(self, path: str | Path, rng: np.random.Generator | None = None) -> np.ndarray:
+        # imported here, not with the module: transform=mnist builds this module too, and
+        # importing torchvision costs seconds
+        import torchvision.transforms.functional as TF
+
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
