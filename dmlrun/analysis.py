@@ -20,12 +20,46 @@ def nearest(emb: torch.Tensor, queries: torch.Tensor, k: int,
     return nearest_neighbours(emb[queries], emb, k, distance, exclude=queries)
 
 
-def nn_confusion(labels: torch.Tensor, nn_labels: torch.Tensor, num_classes: int
+def confused_classes(labels: torch.Tensor, nn_labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Up to ``k`` class ids (sorted) for a confusion plot of many classes: the classes of
+    the most frequent mix-ups (query class, class of its nearest other item), most frequent
+    pair first, then the other classes in id order. All classes when there are at most
+    ``k``."""
+    classes = torch.unique(torch.cat([labels, nn_labels]).long().cpu())
+    if len(classes) <= k:
+        return classes
+    labels, nn_labels = labels.long().cpu(), nn_labels.long().cpu()
+    wrong = labels != nn_labels
+    base = int(classes[-1]) + 1
+    pairs, counts = torch.unique(labels[wrong] * base + nn_labels[wrong], return_counts=True)
+    pairs = pairs[torch.argsort(counts, descending=True, stable=True)]  # ties: by pair
+    order = torch.cat([torch.stack([pairs // base, pairs % base], 1).flatten(), classes])
+    seen = torch.zeros(base, dtype=torch.bool)
+    picked = []
+    for c in order.tolist():  # stops after k new classes
+        if not seen[c]:
+            seen[c] = True
+            picked.append(c)
+            if len(picked) == k:
+                break
+    return torch.tensor(sorted(picked))
+
+
+def nn_confusion(labels: torch.Tensor, nn_labels: torch.Tensor, classes: torch.Tensor
                  ) -> torch.Tensor:
-    """(C, C) counts: row = class of the query, column = class of its nearest other item
-    (``nn_labels``, e.g. ``labels[metrics.per_query(...).nearest]``)."""
-    flat = labels.long() * num_classes + nn_labels.long()
-    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+    """(K, K + 1) counts over ``classes`` (K class ids): row = class of the query, column =
+    class of its nearest other item (``nn_labels``, e.g. ``labels[metrics.per_query(...)
+    .nearest]``), the last column every class not in ``classes``. Queries of other classes
+    are left out. Never builds a (C, C) table, so any number of classes C is fine."""
+    labels, nn_labels, classes = labels.long().cpu(), nn_labels.long().cpu(), classes.long()
+    k = len(classes)
+    base = max(int(labels.max()), int(nn_labels.max()), int(classes.max())) + 1
+    position = torch.full((base,), k, dtype=torch.long)
+    position[classes] = torch.arange(k)
+    rows = position[labels]
+    kept = rows < k
+    flat = rows[kept] * (k + 1) + position[nn_labels[kept]]
+    return torch.bincount(flat, minlength=k * (k + 1)).view(k, k + 1)
 
 
 @dataclass
@@ -96,3 +130,13 @@ def per_class_metrics(labels: torch.Tensor, hit1: torch.Tensor, ap: torch.Tensor
                           "map_at_r": float(aps[~aps.isnan()].mean()) if (~aps.isnan()).any()
                           else float("nan"), "n": int(sel.sum())}
     return out
+
+
+def worst_classes_first(per_class: dict[str, dict[str, float]]) -> list[str]:
+    """The class names of ``per_class_metrics``'s result, lowest P@1 first, then lowest
+    MAP@R (classes without one, of a single image, first among equals)."""
+    def key(name: str) -> tuple[float, float]:
+        m = per_class[name]
+        return m["precision_at_1"], m["map_at_r"] if m["map_at_r"] == m["map_at_r"] else -1.0
+
+    return sorted(per_class, key=key)

@@ -78,8 +78,8 @@ def split_plots(emb: torch.Tensor, split: Any, data: Any, distance: Any, margin:
     points, how = plots.project_2d(emb, projection, seed)
     plots.scatter(points, split.labels, out / "embedding.png", scatter_title or title,
                   class_names=classes, xlabel=how)
-    return points, retrieval_plots.write_all(emb, split, distance, margin, data.num_classes,
-                                             out, title, classes, seed)
+    return points, retrieval_plots.write_all(emb, split, distance, margin, out, title,
+                                             classes, seed)
 
 
 def write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_state: dict,

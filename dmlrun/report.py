@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dmlrun.analysis import worst_classes_first
 from dmlrun.config import saved_overrides
 from dmlrun.metrics import display_order
 
@@ -91,12 +92,19 @@ def _metrics_table(summary: dict) -> str:
 
 
 def _per_class_table(summary: dict) -> str:
+    """Every class in id order; over ``MAX_NAMED_CLASSES``, where per_class.png draws
+    ranks without names, worst P@1 (then MAP@R) first, as that plot ranks them."""
+    from dmlrun.retrieval_plots import MAX_NAMED_CLASSES
+
     per_class = summary.get("per_class", {})
     if not per_class:
         return ""
-    return "<h2>Per class (test)</h2>" + table(
+    ranked = len(per_class) > MAX_NAMED_CLASSES
+    names = worst_classes_first(per_class) if ranked else list(per_class)
+    return f"<h2>Per class (test){', worst first' if ranked else ''}</h2>" + table(
         ["class", "P@1", "MAP@R", "images"],
-        [[c, v["precision_at_1"], v["map_at_r"], v["n"]] for c, v in per_class.items()])
+        [[c, per_class[c]["precision_at_1"], per_class[c]["map_at_r"], per_class[c]["n"]]
+         for c in names])
 
 
 def _figures(run_dir: Path) -> list[str]:

@@ -23,6 +23,10 @@ GREEN, RED, GREY = (0.1, 0.65, 0.2), (0.85, 0.1, 0.1), (0.3, 0.3, 0.3)
 BORDER = 3  # pixels of the coloured frame around each tile
 GAP = 2  # white pixels between tiles
 GALLERY_RIGHT, GALLERY_WRONG, GALLERY_K = 5, 7, 8  # gallery rows and neighbours per row
+# Classes a confusion plot draws (cells readable at a few inches per ten classes; the
+# benchmarks test on 98 to 11,316 classes) and classes per_class.png names one by one.
+MAX_CONFUSION_CLASSES = 20
+MAX_NAMED_CLASSES = 30
 
 
 def _name(c: int, class_names: Sequence[str] | None) -> str:
@@ -102,26 +106,35 @@ def distance_histograms(sample: DistanceSample, path: str | Path, title: str,
     return _save(fig, path)
 
 
-def confusion(counts: torch.Tensor, path: str | Path, title: str,
-              class_names: Sequence[str] | None = None) -> Path:
-    """Row-normalised nearest-neighbour confusion: row = query class, column = class of
-    its nearest neighbour; off-diagonal cells say which classes are mixed up."""
-    c = counts.shape[0]
+def confusion(counts: torch.Tensor, classes: torch.Tensor, total: int, path: str | Path,
+              title: str, class_names: Sequence[str] | None = None) -> Path:
+    """Row-normalised nearest-neighbour confusion of ``classes`` (K ids, ``total`` classes in
+    all; ``counts`` (K, K + 1) from ``analysis.nn_confusion``): row = query class, column =
+    class of its nearest neighbour, and, when K < total, an "other" column for the classes
+    not drawn; off-diagonal cells say which classes are mixed up."""
+    k = len(classes)
     rates = (counts.float() / counts.sum(1, keepdim=True).clamp_min(1)).cpu()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * c, 0.8 + 0.5 * c))
+    if k == total:
+        rates, counts = rates[:, :k], counts[:, :k]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * rates.shape[1], 0.8 + 0.5 * k))
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(c):
-        for j in range(c):
+    for i in range(k):
+        for j in range(rates.shape[1]):
             if counts[i, j] > 0:
                 value = float(rates[i, j])
                 shown = "<.01" if value < 0.005 else f"{value:.2f}" if value < 0.995 else "1"
                 ax.text(j, i, shown, ha="center",
                         va="center", fontsize=7, color="white" if value > 0.6 else "black")
-    names = [_name(i, class_names) for i in range(c)]
-    ax.set_xticks(range(c), names, rotation=45 if c > 10 else 0, fontsize=8)
-    ax.set_yticks(range(c), names, fontsize=8)
+    names = [_name(int(c), class_names) for c in classes]
+    columns = names + (["other"] if rates.shape[1] > k else [])
+    ax.set_xticks(range(len(columns)), columns, rotation=45 if len(columns) > 10 else 0,
+                  fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
     ax.set_xlabel("class of the nearest neighbour")
     ax.set_ylabel("class of the query")
+    if k < total:
+        title += (f"\nthe {k} classes of the most frequent mix-ups, of {total}; other: "
+                  "every class not shown")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
     return _save(fig, path)
@@ -130,20 +143,32 @@ def confusion(counts: torch.Tensor, path: str | Path, title: str,
 def per_class_plot(per_class: dict[str, dict[str, float]], path: str | Path,
                    title: str) -> Path:
     """P@1 and MAP@R of each class (keys: class names) as points on a zoomed axis (bars
-    on an axis that does not start at 0 would exaggerate the differences)."""
-    names = list(per_class)
+    on an axis that does not start at 0 would exaggerate the differences). Over
+    ``MAX_NAMED_CLASSES`` classes their names would not fit: the classes are ranked by P@1
+    (then MAP@R) and drawn as two curves over the rank; report.html's table names them."""
+    named = len(per_class) <= MAX_NAMED_CLASSES
+    names = list(per_class) if named else analysis.worst_classes_first(per_class)
     x = torch.arange(len(names)).float()
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4))
+    width = max(6, 0.6 * len(names) + 2) if named else 9
+    fig, ax = plt.subplots(figsize=(width, 4))
     for offset, metric, colour in ((-0.12, "precision_at_1", "tab:blue"),
                                    (0.12, "map_at_r", "tab:green")):
-        ax.plot((x + offset).tolist(), [per_class[n][metric] for n in names], "o",
-                color=colour, label=metric, markersize=7)
-    ax.set_xticks(x.tolist(), names, rotation=45 if len(names) > 10 else 0, fontsize=8)
-    ax.set_xlim(-0.6, len(names) - 0.4)
+        values = [per_class[n][metric] for n in names]
+        if named:
+            ax.plot((x + offset).tolist(), values, "o", color=colour, label=metric,
+                    markersize=7)
+        else:
+            ax.plot(x.tolist(), values, "-", color=colour, label=metric, lw=1.5)
+    if named:
+        ax.set_xticks(x.tolist(), names, rotation=45 if len(names) > 10 else 0, fontsize=8)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+    else:
+        ax.set_xlabel(f"the {len(names)} classes, ranked by P@1 (report.html names them)")
+        ax.set_xlim(0, len(names) - 1)
     ax.set_ylabel("test metric (leave-one-out; zoomed axis)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
-              frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 if named else -0.2),
+              ncol=2, frameon=False)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -155,19 +180,21 @@ def loss_margin(loss: Any) -> float | None:
 
 
 def write_all(emb: torch.Tensor, split: Any, distance: Distance, margin: float | None,
-              num_classes: int, plot_dir: Path, title: str, class_names: list[str] | None,
+              plot_dir: Path, title: str, class_names: list[str] | None,
               seed: int) -> dict[str, Any]:
-    """gallery.png, distances.png (with the loss's ``margin``, if any), confusion.png and
-    per_class.png of (N, D) embeddings of ``split`` (a ``Split`` or ``FileSplit``), graded
-    with ``distance``. Returns per-class metrics and the distance overlap."""
+    """gallery.png, distances.png (with the loss's ``margin``, if any), confusion.png (of
+    the split's classes, at most ``MAX_CONFUSION_CLASSES`` of them) and per_class.png of
+    (N, D) embeddings of ``split`` (a ``Split`` or ``FileSplit``), graded with
+    ``distance``. Returns per-class metrics and the distance overlap."""
     labels = split.labels
     pq = per_query(emb, labels, distance)
     per_class = analysis.per_class_metrics(labels.cpu(), pq.hit1.cpu(), pq.ap.cpu(),
                                            class_names)
-    n_classes = max(num_classes, int(labels.max()) + 1)
-    confusion(analysis.nn_confusion(labels, labels[pq.nearest], n_classes),
-                              plot_dir / "confusion.png", f"{title}: nearest-neighbour "
-                              "classes, row-normalised", class_names)
+    nn_labels = labels[pq.nearest]
+    drawn = analysis.confused_classes(labels, nn_labels, MAX_CONFUSION_CLASSES)
+    confusion(analysis.nn_confusion(labels, nn_labels, drawn), drawn,
+              len(torch.unique(labels)), plot_dir / "confusion.png",
+              f"{title}: nearest-neighbour classes, row-normalised", class_names)
     per_class_plot(per_class, plot_dir / "per_class.png",
                                    f"{title}: per-class P@1 and MAP@R")
     sample = analysis.distance_sample(emb, labels, distance, seed=seed)

@@ -103,6 +103,62 @@ def test_a_scatter_of_many_classes_has_no_legend_and_fits(tmp_path):
     assert few.stat().st_size > 0
 
 
+def test_confusion_counts_match_a_dense_table_and_pick_the_most_mixed_classes():
+    from dmlrun import analysis
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 12, (3000,), generator=g)
+    nn_labels = torch.where(torch.rand(3000, generator=g) < 0.8, labels,
+                            torch.randint(0, 12, (3000,), generator=g))
+    dense = torch.zeros(12, 12, dtype=torch.long)
+    for a, b in zip(labels.tolist(), nn_labels.tolist(), strict=True):
+        dense[a, b] += 1
+    every = analysis.confused_classes(labels, nn_labels, 20)
+    assert every.tolist() == list(range(12))
+    counts = analysis.nn_confusion(labels, nn_labels, every)
+    assert torch.equal(counts[:, :12], dense) and not counts[:, 12].any()
+    # classes 3 -> 7 mixed up most, then 5 -> 3: the first three classes drawn
+    nn_labels[labels == 3] = 7
+    nn_labels[(labels == 5) & (torch.arange(3000) % 2 == 0)] = 3
+    drawn = analysis.confused_classes(labels, nn_labels, 3)
+    assert drawn.tolist() == [3, 5, 7]
+    counts = analysis.nn_confusion(labels, nn_labels, drawn)
+    assert counts.shape == (3, 4)
+    assert counts[0].tolist() == [0, 0, int((labels == 3).sum()), 0]  # every 3 -> 7
+    assert counts.sum(1).tolist() == [int((labels == c).sum()) for c in (3, 5, 7)]
+    assert int(counts[1, 3]) == int(((labels == 5) & ~torch.isin(nn_labels, drawn)).sum())
+
+
+def test_the_plots_of_a_test_split_of_thousands_of_classes_stay_small_and_fast(tmp_path):
+    """SOP tests on 11,316 classes: the confusion and per-class plots draw 20 classes and
+    a ranked curve, not a table of every class (a 100-class one took about a minute)."""
+    from dmlrun.data.dataset import Split
+    from dmlrun.distances import EuclideanDistance
+    from dmlrun.retrieval_plots import MAX_CONFUSION_CLASSES, write_all
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3000).repeat_interleave(3)
+    emb = torch.randn(3000, 8, generator=g)[labels] + 0.3 * torch.randn(9000, 8, generator=g)
+    split = Split(torch.randint(0, 256, (9000, 3, 8, 8), dtype=torch.uint8, generator=g),
+                  labels)
+    out = write_all(emb, split, EuclideanDistance(), None, tmp_path, "many", None, 0)
+    assert len(out["per_class"]) == 3000
+    for name in ("confusion.png", "per_class.png"):
+        width, height = Image.open(tmp_path / name).size
+        assert width <= 1500 and height <= 1400, (name, width, height)
+    # 20 rows, 21 columns ("other"): at 100 dpi about 1.0 + 0.55 x 21 inches wide
+    assert Image.open(tmp_path / "confusion.png").size[0] >= 100 * 0.55 * \
+        (MAX_CONFUSION_CLASSES + 1)
+    # report.html's table: worst classes first, as per_class.png ranks them
+    from dmlrun.report import _per_class_table
+
+    page = _per_class_table(out)
+    first = re.search(r"<tr><td>([^<]+)</td>", page).group(1)
+    assert "worst first" in page
+    assert out["per_class"][first]["precision_at_1"] == min(
+        v["precision_at_1"] for v in out["per_class"].values())
+
+
 def test_summary_json_is_valid_json_with_the_new_fields(finished):
     run_dir, _ = finished
     summary = json.loads((run_dir / "summary.json").read_text())
