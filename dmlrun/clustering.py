@@ -75,11 +75,21 @@ def _kmeans_pp(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
     return torch.stack(centres)
 
 
-def _contingency(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    _, ai = torch.unique(a.cpu(), return_inverse=True)
-    _, bi = torch.unique(b.cpu(), return_inverse=True)
-    ka, kb = int(ai.max()) + 1, int(bi.max()) + 1
-    return torch.bincount(ai * kb + bi, minlength=ka * kb).view(ka, kb).double()
+class Contingency:
+    """The non-zero cells of two labelings' contingency table, and its row and column
+    sums: never the dense (A, B) table, which for thousands of classes and clusters
+    (Stanford Online Products tests on 11,316) would not fit in memory."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        _, ai = torch.unique(a.cpu(), return_inverse=True)
+        _, bi = torch.unique(b.cpu(), return_inverse=True)
+        kb = int(bi.max()) + 1
+        cells, counts = torch.unique(ai.long() * kb + bi.long(), return_counts=True)
+        self.rows, self.cols = cells // kb, cells % kb
+        self.counts = counts.double()  # (cells,)
+        self.row_sums = torch.bincount(ai).double()  # (A,)
+        self.col_sums = torch.bincount(bi).double()  # (B,)
+        self.n = float(len(a))
 
 
 def _entropy(counts: torch.Tensor) -> float:
@@ -87,52 +97,58 @@ def _entropy(counts: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
+def _mutual_information(c: Contingency) -> float:
+    outer = c.row_sums[c.rows] * c.col_sums[c.cols]
+    return float((c.counts / c.n * (c.counts * c.n / outer).log()).sum())
+
+
 def mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mutual information (nats) between two labelings of the same N items."""
-    c = _contingency(a, b)
-    n = c.sum()
-    nz = c > 0
-    outer = c.sum(1, keepdim=True) * c.sum(0, keepdim=True)
-    return float((c[nz] / n * (c[nz] * n / outer[nz]).log()).sum())
+    return _mutual_information(Contingency(a, b))
 
 
 def normalized_mutual_info(a: torch.Tensor, b: torch.Tensor) -> float:
     """NMI with the arithmetic mean of the entropies (scikit-learn's default)."""
-    c = _contingency(a, b)
-    ha, hb = _entropy(c.sum(1)), _entropy(c.sum(0))
+    c = Contingency(a, b)
+    ha, hb = _entropy(c.row_sums), _entropy(c.col_sums)
     if ha == 0 and hb == 0:
         return 1.0
-    return mutual_information(a, b) / max((ha + hb) / 2, 1e-15)
+    return _mutual_information(c) / max((ha + hb) / 2, 1e-15)
 
 
-def expected_mutual_information(c: torch.Tensor) -> float:
-    """E[MI] of two labelings with the row/column sums of contingency ``c`` under the
-    hypergeometric model of random permutation (Vinh, Epps & Bailey 2010)."""
-    n = int(c.sum())
-    a = c.sum(1).long()
-    b = c.sum(0).long()
-    nij = torch.arange(1, int(max(a.max(), b.max())) + 1, dtype=torch.float64)
-    A, B, N = a[:, None, None].double(), b[None, :, None].double(), float(n)
-    lo = torch.clamp(A + B - N, min=1.0)
-    hi = torch.minimum(A, B)
-    v = nij[None, None, :]
-    valid = (v >= lo) & (v <= hi)
-    term1 = v / N * (torch.log(v * N) - torch.log(A * B))
+def expected_mutual_information(row_sums: torch.Tensor, col_sums: torch.Tensor) -> float:
+    """E[MI] of two labelings with these row and column sums of their contingency table
+    under the hypergeometric model of random permutation (Vinh, Epps & Bailey 2010).
+
+    The sum over cells (i, j) and their possible counts v depends on a cell only through
+    its row sum a_i and column sum b_j, so it runs over the distinct sums, each weighted
+    by how many rows and columns have it: the same value as the sum over every cell, in
+    (distinct a) x (distinct b) x min(max a, max b) terms."""
+    a_values, a_count = torch.unique(row_sums.long(), return_counts=True)
+    b_values, b_count = torch.unique(col_sums.long(), return_counts=True)
+    n = float(row_sums.sum())
+    v = torch.arange(1, int(min(a_values.max(), b_values.max())) + 1,
+                     dtype=torch.float64)[None, None, :]
+    A, B = a_values[:, None, None].double(), b_values[None, :, None].double()
+    valid = (v >= torch.clamp(A + B - n, min=1.0)) & (v <= torch.minimum(A, B))
+    term1 = v / n * (torch.log(v * n) - torch.log(A * B))
     lg = torch.lgamma
-    log_p = (lg(A + 1) + lg(B + 1) + lg(N - A + 1) + lg(N - B + 1) - lg(torch.tensor(N + 1.0))
-             - lg(v + 1) - lg(A - v + 1) - lg(B - v + 1) - lg(N - A - B + v + 1))
+    log_p = (lg(A + 1) + lg(B + 1) + lg(n - A + 1) + lg(n - B + 1) - math.lgamma(n + 1.0)
+             - lg(v + 1) - lg(A - v + 1) - lg(B - v + 1) - lg(n - A - B + v + 1))
     terms = torch.where(valid, term1 * torch.exp(torch.where(valid, log_p, 0.0)), 0.0)
-    return float(terms.sum())
+    weight = (a_count[:, None] * b_count[None, :]).double()
+    return float((terms.sum(2) * weight).sum())
 
 
 def adjusted_mutual_info(a: torch.Tensor, b: torch.Tensor) -> float:
     """AMI with the arithmetic mean of the entropies (scikit-learn's default)."""
-    c = _contingency(a, b)
-    if c.shape[0] == c.shape[1] == 1 or c.shape[0] == c.shape[1] == int(c.sum()):
+    c = Contingency(a, b)
+    ka, kb = len(c.row_sums), len(c.col_sums)
+    if ka == kb == 1 or ka == kb == int(c.n):
         return 1.0
-    mi = mutual_information(a, b)
-    emi = expected_mutual_information(c)
-    mean_h = (_entropy(c.sum(1)) + _entropy(c.sum(0))) / 2
+    mi = _mutual_information(c)
+    emi = expected_mutual_information(c.row_sums, c.col_sums)
+    mean_h = (_entropy(c.row_sums) + _entropy(c.col_sums)) / 2
     denom = mean_h - emi
     if abs(denom) < 1e-15:
         denom = math.copysign(1e-15, denom) if denom else 1e-15
