@@ -13,10 +13,15 @@ from dmlrun.search import nearest_neighbours
 
 
 def nearest(emb: torch.Tensor, queries: torch.Tensor, k: int,
-            distance: Distance | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            distance: Distance | None = None, gallery_start: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest other items of each query (indices into ``emb`` (N, D)), leave-one-
-    out: (Q, k) indices and (Q, k) distances, nearest first, ties by index (the metrics'
-    own search)."""
+    out, or with ``gallery_start`` among the rows from there on (a query/gallery set's
+    gallery): (Q, k) indices and (Q, k) distances, nearest first, ties by index (the
+    metrics' own search)."""
+    if gallery_start is not None:
+        idx, dist = nearest_neighbours(emb[queries], emb[gallery_start:], k, distance)
+        return idx + gallery_start, dist
     return nearest_neighbours(emb[queries], emb, k, distance, exclude=queries)
 
 

@@ -245,7 +245,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # settings after options too
     return run_command("dmlrun-cluster", lambda: _cluster(args))
 
 

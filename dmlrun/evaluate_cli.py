@@ -94,8 +94,8 @@ def evaluate_checkpoint(
     path: str | Path, overrides: list[str] | None = None, split: str = "test",
     device: str = "auto", plots_dir: str | Path | bool | None = None,
 ) -> dict:
-    """Metrics (leave-one-out on ``split``) of the model in ``path``, graded with the
-    run's own settings; returns a dict with the metrics and what was evaluated. With
+    """Metrics (leave-one-out on ``split``, or its queries against its gallery) of the
+    model in ``path``, graded with the run's own settings; returns a dict with the metrics and what was evaluated. With
     ``plots_dir`` (a new folder; True: ``default_plots_dir``), also the embedding,
     gallery, distance, confusion and per-class plots there, and per-class metrics in the
     result."""
@@ -157,7 +157,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dmlrun-evaluate",
         description="Grade a trained dmlrun model on a dataset split: leave-one-out "
-                    "retrieval (P@1, R@K, R-precision, MAP@R, kNN accuracy) and clustering "
+                    "retrieval (a query/gallery split, as In-Shop's test: its queries "
+                    "against its gallery; P@1, R@K, R-precision, MAP@R, kNN accuracy) and "
+                    "clustering "
                     "(NMI, AMI), with the run's own distance and settings.",
         epilog="examples:\n"
                "  dmlrun-evaluate outputs/2026-11-26/10-00-00\n"
@@ -184,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # settings after options too
     try:
         if args.output and Path(args.output).exists():
             raise UserError(f"{args.output} exists; refusing to overwrite it")

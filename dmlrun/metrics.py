@@ -109,10 +109,11 @@ def retrieval_metrics(
 
 
 class PerQuery(NamedTuple):
-    """Leave-one-out results of each of N queries: ``hit1`` (N,) bool, the nearest other
-    item has its class; ``ap`` (N,) float64 AP@R (NaN where the class has no other item);
-    ``nearest`` (N,) its nearest other item. The means of hit1 and of ap (NaN left out)
-    are exactly ``retrieval_metrics``' P@1 and MAP@R: the same search, the same order."""
+    """Results of each of N queries: ``hit1`` (N,) bool, the nearest other item has its
+    class; ``ap`` (N,) float64 AP@R (NaN where the class has no other item); ``nearest``
+    (N,) its nearest other item (a row of the whole split). The means of hit1 and of ap
+    (NaN left out) are exactly ``retrieval_metrics``' P@1 and MAP@R: the same search, the
+    same order."""
 
     hit1: torch.Tensor
     ap: torch.Tensor
@@ -121,25 +122,31 @@ class PerQuery(NamedTuple):
 
 @torch.no_grad()
 def per_query(embeddings: torch.Tensor, labels: torch.Tensor,
-              distance: Distance | None = None) -> PerQuery:
-    """``PerQuery`` of every item of (N, D) embeddings, leave-one-out."""
+              distance: Distance | None = None, query_count: int | None = None) -> PerQuery:
+    """``PerQuery`` of every item of (N, D) embeddings, leave-one-out; with
+    ``query_count`` (a query/gallery test set, as In-Shop's), of the first
+    ``query_count`` rows only, each searching the rows after them (the gallery), as
+    ``evaluate_embeddings`` grades them."""
     distance = distance if distance is not None else EuclideanDistance()
-    classes, ids = torch.unique(labels, return_inverse=True)
-    _, r = _query_classes(labels, classes, ids, leave_one_out=True)
-    chunk_size = min(1024, max(16, 2**24 // len(embeddings)))
+    q = len(embeddings) if query_count is None else int(query_count)
+    loo = query_count is None
+    reference, reference_labels = (embeddings, labels) if loo else (embeddings[q:], labels[q:])
+    classes, ref_ids = torch.unique(reference_labels, return_inverse=True)
+    query_ids, r = _query_classes(labels[:q], classes, ref_ids, leave_one_out=loo)
+    chunk_size = min(1024, max(16, 2**24 // len(reference)))
     hit1, ap, nearest = [], [], []
-    for start, stop, nn_idx, _ in _search(embeddings, embeddings, distance, r.clamp_min(1),
-                                          True, chunk_size):
+    for start, stop, nn_idx, _ in _search(embeddings[:q], reference, distance,
+                                          r.clamp_min(1), loo, chunk_size):
         rq = r[start:stop]
         width = max(int(rq.max()), 1)
         ranks = torch.arange(1, width + 1, device=nn_idx.device)
-        hits = ids[nn_idx[:, :width]] == ids[start:stop, None]
+        hits = ref_ids[nn_idx[:, :width]] == query_ids[start:stop, None]
         rel = hits & (ranks[None, :] <= rq[:, None])
         precision = rel.cumsum(1, dtype=torch.int32) / ranks.double()[None, :]
         ap.append(torch.where(rq > 0, torch.where(rel, precision, 0.0).sum(1)
                               / rq.clamp_min(1).double(), float("nan")))
         hit1.append(hits[:, 0])
-        nearest.append(nn_idx[:, 0])
+        nearest.append(nn_idx[:, 0] + (0 if loo else q))
     return PerQuery(torch.cat(hit1), torch.cat(ap), torch.cat(nearest))
 
 

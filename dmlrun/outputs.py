@@ -82,6 +82,15 @@ def split_plots(emb: torch.Tensor, split: Any, data: Any, distance: Any, margin:
                                              classes, seed)
 
 
+def test_protocol(split: Any) -> str:
+    """How a test split is graded, in words: leave-one-out, or its queries against its
+    gallery (``query_count``, as In-Shop's)."""
+    q = getattr(split, "query_count", None)
+    if q is None:
+        return "leave-one-out"
+    return f"{q} queries against a gallery of {len(split) - q}"
+
+
 def write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_state: dict,
                    test_emb: torch.Tensor, test: dict, baselines: dict,
                    extra: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -100,6 +109,7 @@ def write_summary(ctx: Context, history: list[dict], recorder: Recorder, best_st
         "embedding_dim": int(test_emb.shape[1]),
         "train_classes": torch.unique(data.train.labels).tolist(),
         "test_classes": torch.unique(data.test.labels).tolist(),
+        "test_protocol": test_protocol(data.test),
         "epochs": len(history),
         "best_epoch": best["epoch"],
         "monitor": recorder.monitor,

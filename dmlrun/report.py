@@ -153,7 +153,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     body = [f"<h1>{html.escape(run_dir.name)}</h1>",
             f"<p>{html.escape(' '.join(f'{k}={v}' for k, v in choices.items()))}</p>",
             f"<pre>{html.escape(_command(run_dir))}</pre>",
-            "<h2>Test metrics (leave-one-out) beside the baselines</h2>",
+            f"<h2>Test metrics ({html.escape(summary.get('test_protocol', 'leave-one-out'))})"
+            " beside the baselines</h2>",
             _metrics_table(summary), _per_class_table(summary), "<h2>Plots</h2>",
             *_figures(run_dir), "<h2>Run</h2>", table(["", ""], facts)]
     resolved = _resolved_config(run_dir)

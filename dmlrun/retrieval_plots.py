@@ -141,7 +141,7 @@ def confusion(counts: torch.Tensor, classes: torch.Tensor, total: int, path: str
 
 
 def per_class_plot(per_class: dict[str, dict[str, float]], path: str | Path,
-                   title: str) -> Path:
+                   title: str, graded: str = "leave-one-out") -> Path:
     """P@1 and MAP@R of each class (keys: class names) as points on a zoomed axis (bars
     on an axis that does not start at 0 would exaggerate the differences). Over
     ``MAX_NAMED_CLASSES`` classes their names would not fit: the classes are ranked by P@1
@@ -165,7 +165,7 @@ def per_class_plot(per_class: dict[str, dict[str, float]], path: str | Path,
     else:
         ax.set_xlabel(f"the {len(names)} classes, ranked by P@1 (report.html names them)")
         ax.set_xlim(0, len(names) - 1)
-    ax.set_ylabel("test metric (leave-one-out; zoomed axis)")
+    ax.set_ylabel(f"test metric ({graded}; zoomed axis)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 if named else -0.2),
               ncol=2, frameon=False)
@@ -187,16 +187,20 @@ def write_all(emb: torch.Tensor, split: Any, distance: Distance, margin: float |
     (N, D) embeddings of ``split`` (a ``Split`` or ``FileSplit``), graded with
     ``distance``. Returns per-class metrics and the distance overlap."""
     labels = split.labels
-    pq = per_query(emb, labels, distance)
-    per_class = analysis.per_class_metrics(labels.cpu(), pq.hit1.cpu(), pq.ap.cpu(),
+    # a query/gallery test set (In-Shop) is graded, and drawn, queries against the gallery
+    q = getattr(split, "query_count", None)
+    query_labels = labels if q is None else labels[:q]
+    graded = "leave-one-out" if q is None else "queries against the gallery"
+    pq = per_query(emb, labels, distance, q)
+    per_class = analysis.per_class_metrics(query_labels.cpu(), pq.hit1.cpu(), pq.ap.cpu(),
                                            class_names)
     nn_labels = labels[pq.nearest]
-    drawn = analysis.confused_classes(labels, nn_labels, MAX_CONFUSION_CLASSES)
-    confusion(analysis.nn_confusion(labels, nn_labels, drawn), drawn,
-              len(torch.unique(labels)), plot_dir / "confusion.png",
+    drawn = analysis.confused_classes(query_labels, nn_labels, MAX_CONFUSION_CLASSES)
+    confusion(analysis.nn_confusion(query_labels, nn_labels, drawn), drawn,
+              len(torch.unique(query_labels)), plot_dir / "confusion.png",
               f"{title}: nearest-neighbour classes, row-normalised", class_names)
     per_class_plot(per_class, plot_dir / "per_class.png",
-                                   f"{title}: per-class P@1 and MAP@R")
+                   f"{title}: per-class P@1 and MAP@R", graded)
     sample = analysis.distance_sample(emb, labels, distance, seed=seed)
     distance_histograms(sample, plot_dir / "distances.png",
                                         f"{title}: pair distances ({distance.name})",
@@ -204,7 +208,7 @@ def write_all(emb: torch.Tensor, split: Any, distance: Distance, margin: float |
     right, wrong = analysis.pick_queries(pq.hit1, GALLERY_RIGHT, GALLERY_WRONG, seed,
                                          -pq.ap.nan_to_num(1.0))
     queries = torch.cat([right, wrong]).to(emb.device)
-    nbr, dist = analysis.nearest(emb, queries, GALLERY_K, distance)
+    nbr, dist = analysis.nearest(emb, queries, GALLERY_K, distance, q)
     gallery(
         split.take(queries), labels[queries],
         split.take(nbr.flatten()).view(*nbr.shape, *split.take(queries[:1]).shape[1:]),

@@ -77,6 +77,12 @@ def test_missing_and_malformed_files_are_named(replicas, tmp_path):
             "image_id class_id super_class_id path\n1 1 1 x_final/1_0.JPG\n")
     with pytest.raises(UserError, match=r"2 image files listed are missing, e.g. .*1_0.JPG"):
         load_benchmark("sop", str(gone), ImageNetTransform(32))
+    (gone / "Stanford_Online_Products" / "x_final").mkdir()
+    (gone / "Stanford_Online_Products" / "x_final" / "1_0.JPG").write_bytes(b"")
+    (gone / "Stanford_Online_Products" / "Ebay_test.txt").write_text(
+        "image_id class_id super_class_id path\n1 2 1 x_final/2_0.JPG\n")
+    with pytest.raises(UserError, match=r"1 image file listed is missing, e.g. .*2_0.JPG"):
+        load_benchmark("sop", str(gone), ImageNetTransform(32))
     with pytest.raises(ConfigError, match="dataset.fold=4"):
         load_benchmark("cub200", str(root), ImageNetTransform(32), fold=4)
 
@@ -276,7 +282,16 @@ def test_an_inshop_replica_run_grades_query_against_gallery(replicas, tmp_path):
     ks = {f"recall_at_{k}" for k in (1, 10, 20, 30, 40)}  # In-Shop's Recall@K
     assert ks <= set(summary["test"]) and ks <= set(summary["baselines"]["raw_pixels"])
     assert "recall_at_2" not in summary["test"]
-    assert "<th>R@40</th>" in (tmp_path / "run" / "report.html").read_text()
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<th>R@40</th>" in page
+    queries = counts["inshop"]["query"][0]
+    protocol = f"{queries} queries against a gallery of {counts['inshop']['gallery'][0]}"
+    assert summary["test_protocol"] == protocol and f"Test metrics ({protocol})" in page
+    # per-class figures are the queries' own, as the test metrics grade them
+    per_class = summary["per_class"].values()
+    assert sum(c["n"] for c in per_class) == queries
+    assert sum(c["precision_at_1"] * c["n"] for c in per_class) / queries == pytest.approx(
+        summary["test"]["precision_at_1"])
     res = run_cli([str(tmp_path / "run"), f"paths.data_dir={root}", "--output",
                    str(tmp_path / "eval.json")], cwd=tmp_path,
                   exe=[sys.executable, "-m", "dmlrun.evaluate_cli"])

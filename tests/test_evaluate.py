@@ -383,6 +383,16 @@ def test_per_query_results_average_to_the_retrieval_metrics(seed):
     # the nearest other item: the smallest distance, the smallest index among ties
     assert torch.equal(pq.nearest, torch.stack([torch.nonzero(row == row.min())[0, 0]
                                                 for row in d]))
+    # queries (the first 200) against a gallery (the rest), as In-Shop is graded
+    pq = per_query(emb, labels, query_count=200)
+    ref = retrieval_metrics(emb[:200], labels[:200], emb[200:], labels[200:])
+    assert len(pq.hit1) == 200
+    assert pq.hit1.double().mean().item() == pytest.approx(ref["precision_at_1"], abs=1e-12)
+    assert pq.ap[~pq.ap.isnan()].mean().item() == pytest.approx(ref["map_at_r"], abs=1e-12)
+    assert pq.ap[0].isnan()  # class 9 has no gallery item
+    d = torch.cdist(emb[:200], emb[200:])
+    assert torch.equal(pq.nearest, 200 + torch.stack([torch.nonzero(row == row.min())[0, 0]
+                                                      for row in d]))
 
 
 @pytest.mark.parametrize("distance", [EuclideanDistance(), SquaredEuclideanDistance(),

@@ -166,9 +166,9 @@ def test_evaluate_reads_the_data_root_in_order(relative_run, tmp_path, data_dir)
     # the environment before the stored root
     res = evaluate_cli([str(relative_run)], elsewhere, {"DMLRUN_DATA_DIR": str(tmp_path)})
     assert res.returncode == 2 and str(tmp_path / "MNIST" / "raw") in res.stderr
-    # an explicit root before both
-    res = evaluate_cli([str(relative_run), f"paths.data_dir={data_dir}"], elsewhere,
-                       {"DMLRUN_DATA_DIR": str(tmp_path)})
+    # an explicit root before both, given after an option as well as before one
+    res = evaluate_cli([str(relative_run), "--split", "test", f"paths.data_dir={data_dir}"],
+                       elsewhere, {"DMLRUN_DATA_DIR": str(tmp_path)})
     assert res.returncode == 0, res.stderr[-2000:]
 
 

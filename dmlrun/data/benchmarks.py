@@ -165,7 +165,8 @@ def _compare_counts(name: str, parsed: Parsed) -> None:
 def _check_files(name: str, parsed: Parsed) -> None:
     missing = [p for paths, _ in parsed.parts.values() for p in paths if not os.path.exists(p)]
     if missing:
-        raise UserError(f"{name}: {len(missing)} image files listed are missing, e.g. "
+        files = "image file listed is" if len(missing) == 1 else "image files listed are"
+        raise UserError(f"{name}: {len(missing)} {files} missing, e.g. "
                         f"{missing[0]} (the images are published at {WHERE[name]})")
 
 
