@@ -95,7 +95,8 @@ def evaluate_checkpoint(
     device: str = "auto", plots_dir: str | Path | bool | None = None,
 ) -> dict:
     """Metrics (leave-one-out on ``split``, or its queries against its gallery) of the
-    model in ``path``, graded with the run's own settings; returns a dict with the metrics and what was evaluated. With
+    model in ``path``, graded with the run's own settings; returns a dict with the
+    metrics and what was evaluated. With
     ``plots_dir`` (a new folder; True: ``default_plots_dir``), also the embedding,
     gallery, distance, confusion and per-class plots there, and per-class metrics in the
     result."""

@@ -338,12 +338,12 @@ class Index:
         return self.search(self.run()(images).cpu(), k)
 
     def search_files(self, paths: Sequence[str | Path], k: int = 10) -> Hits:
-        """Search with image files (read as the run reads images)."""
-        from dmlrun.data.streaming import read_image
+        """Search with image files (read as the run's evaluation reads them)."""
+        from dmlrun.sources import EvalReader
 
         run = self.run()
-        images = torch.from_numpy(np.stack([read_image(p, run.image_size, run.channels)
-                                            for p in paths]))
+        read = EvalReader(run.config, run.image_size, run.channels)
+        images = torch.from_numpy(np.stack([read(p) for p in paths]))
         return self.search_images(images, k)
 
     def search_items(self, items: torch.Tensor | Sequence[int] | None = None, k: int = 10,

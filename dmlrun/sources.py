@@ -31,6 +31,28 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
 SPLITS = ("test", "val", "train", "all")
 
 
+class EvalReader:
+    """One image file -> uint8 (C, S, S) as a run's evaluation reads its files: the run's
+    ``transform`` without randomness (``transform=imagenet``: the shorter side resized,
+    the centre cropped), or, for a config without one, resized to the model's input.
+    Folder sources and query files go through it, so an image embeds the same whether it
+    comes from the run's dataset split or from its file."""
+
+    def __init__(self, config: dict, image_size: int, channels: int) -> None:
+        node = config.get("transform")
+        self.transform = None
+        if isinstance(node, dict) and "_target_" in node:
+            from hydra.utils import instantiate
+
+            self.transform = instantiate(node)
+        self.image_size, self.channels = image_size, channels
+
+    def __call__(self, path: str | Path) -> np.ndarray:
+        if self.transform is None:
+            return read_image(path, self.image_size, self.channels)
+        return self.transform(path, None)
+
+
 @dataclass
 class Batch:
     """One batch of a source: items ``start .. start + len(ok) - 1``; ``images`` (n, C, S, S)
@@ -99,10 +121,8 @@ def list_images(root: Path) -> list[Path]:
 class _Files(Dataset):
     """Item i: batch i of files decoded as (images, ok, errors)."""
 
-    def __init__(self, paths: Sequence[Path], size: int, image_size: int, channels: int
-                 ) -> None:
-        self.paths, self.size = paths, size
-        self.image_size, self.channels = image_size, channels
+    def __init__(self, paths: Sequence[Path], size: int, read: EvalReader) -> None:
+        self.paths, self.size, self.read = paths, size, read
 
     def __len__(self) -> int:
         return (len(self.paths) + self.size - 1) // self.size
@@ -112,13 +132,14 @@ class _Files(Dataset):
         arrays, ok, errors = [], [], []
         for j, path in enumerate(self.paths[start : start + self.size]):
             try:
-                arrays.append(read_image(path, self.image_size, self.channels))
+                arrays.append(self.read(path))
                 ok.append(True)
             except UserError as exc:
                 ok.append(False)
                 errors.append((start + j, str(exc.__cause__ or exc)))
         images = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(
-            0, self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+            0, self.read.channels, self.read.image_size, self.read.image_size,
+            dtype=torch.uint8)
         return images, torch.tensor(ok), errors
 
 
@@ -126,8 +147,8 @@ class FolderSource(Source):
     """Every image under ``root``; with ``labels``, each image's label is the first-level
     sub-folder it sits in (class ids by sorted folder name)."""
 
-    def __init__(self, root: str | Path, image_size: int, channels: int,
-                 labels: bool = False, workers: int = 2) -> None:
+    def __init__(self, root: str | Path, read: EvalReader, labels: bool = False,
+                 workers: int = 2) -> None:
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise UserError(f"{root} is not a folder")
@@ -136,7 +157,7 @@ class FolderSource(Source):
             raise UserError(f"no images under {self.root} (looked for "
                             f"{', '.join(sorted(IMAGE_EXTENSIONS)[:12])}, ... at any depth)")
         self.names = [str(p) for p in self.paths]
-        self.image_size, self.channels, self.workers = image_size, channels, workers
+        self.read, self.workers = read, workers
         self.labels, self.class_names = None, None
         if labels:
             tops = [p.relative_to(self.root).parts for p in self.paths]
@@ -149,7 +170,7 @@ class FolderSource(Source):
         self.spec = {"folder": str(self.root), "labels": labels}
 
     def batches(self, size: int) -> Iterator[Batch]:
-        data = _Files(self.paths, size, self.image_size, self.channels)
+        data = _Files(self.paths, size, self.read)
         workers = min(self.workers, len(data) - 1) if len(data) > 1 else 0
         loader = DataLoader(data, batch_size=None, num_workers=workers,
                             prefetch_factor=2 if workers else None)
@@ -209,7 +230,8 @@ def _concat(parts: list) -> Split | FileSplit:
 def open_source(spec: dict, config: dict, image_size: int, channels: int) -> Source:
     """Reopen a source from its ``spec`` (as saved in an index)."""
     if "folder" in spec:
-        return FolderSource(spec["folder"], image_size, channels, bool(spec.get("labels")))
+        return FolderSource(spec["folder"], EvalReader(config, image_size, channels),
+                            bool(spec.get("labels")))
     return SplitSource(config, spec["dataset"], spec["split"])
 
 
@@ -223,7 +245,7 @@ def parse_source(tokens: Sequence[str], config: dict, image_size: int, channels:
         if not Path(tokens[0]).expanduser().is_dir():
             raise UserError(f"{tokens[0]} is not a folder (give an image folder, or dataset "
                             "settings such as `dataset=mnist split=test`)")
-        return FolderSource(tokens[0], image_size, channels, labels)
+        return FolderSource(tokens[0], EvalReader(config, image_size, channels), labels)
     if not tokens or any("=" not in t for t in tokens):
         raise UserError(f"give one image folder, or dataset settings such as `dataset=mnist "
                         f"split=test`; got {tokens}")

@@ -299,3 +299,13 @@ def test_an_inshop_replica_run_grades_query_against_gallery(replicas, tmp_path):
     graded = json.loads((tmp_path / "eval.json").read_text())
     assert graded["metrics"] == summary["test"]
     assert graded["n"] == counts["inshop"]["query"][0] + counts["inshop"]["gallery"][0]
+    # an image file searched against an index of the split it is in reads as the run read
+    # it (shorter side resized, centre crop: not a squash to the square), so it finds itself
+    from dmlrun.index import Index
+
+    index = Index.build(tmp_path / "run", ["dataset=inshop", "split=test",
+                                           f"paths.data_dir={root}"], tmp_path / "index",
+                        device="cpu", progress=False)
+    first = index.source(0)[0].split.paths[0]
+    hits = index.search_files([first], k=1)
+    assert hits.indices[0, 0] == 0 and float(hits.distances[0, 0]) < 1e-4
