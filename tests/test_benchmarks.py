@@ -51,6 +51,11 @@ def test_each_replica_parses_with_exact_counts_and_disjoint_classes(replicas, na
         assert (len(data.test), len(test_cls)) == counts[name]["test"]
     image = data.train.take(torch.tensor([0]))
     assert image.shape == (1, 3, 32, 32) and image.dtype == torch.uint8
+    # plots and reports name classes as the dataset does, not by their label positions
+    assert len(data.class_names) == train_c + len(test_cls)
+    first_test = {"cub200": "101.Replica_101", "cars196": "Replica 99", "sop": "61",
+                  "inshop": "id_00000051"}[name]
+    assert first_test in {data.class_names[c] for c in test_cls}
 
 
 def test_replica_counts_differ_from_the_official_ones_and_say_so(replicas, caplog):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,14 @@ OFFICIAL = {
 
 @dataclass
 class Parsed:
-    """A layout as read: per part (train, test or query/gallery), paths and class ids."""
+    """A layout as read: per part (train, test or query/gallery), paths and class ids;
+    ``names``: the dataset's own name of a class id, where it has one (else the id)."""
 
     parts: dict[str, tuple[list[str], list[int]]]
+    names: dict[int, str] = field(default_factory=dict)
+
+    def name(self, c: int) -> str:
+        return self.names.get(c, str(c))
 
 
 def _need(path: Path, name: str) -> Path:
@@ -98,7 +103,11 @@ def parse_cub(root: Path) -> Parsed:
     ids = sorted(files, key=lambda i: _int(i, base / "images.txt", name))
     paths = [str(base / "images" / files[i]) for i in ids]
     classes = [labels[i] for i in ids]
-    return _by_class(paths, classes, lambda c: c <= 100)
+    names = {}
+    if (base / "classes.txt").is_file():  # "1 001.Black_footed_Albatross"
+        names = {_int(c, base / "classes.txt", name): n
+                 for c, n in _rows(base / "classes.txt", name, 2)}
+    return _by_class(paths, classes, lambda c: c <= 100, names)
 
 
 def parse_cars(root: Path) -> Parsed:
@@ -107,14 +116,18 @@ def parse_cars(root: Path) -> Parsed:
     name, base = "cars196", root / "cars196"
     mat_path = _need(base / "cars_annos.mat", name)
     try:
-        annos = loadmat(str(mat_path))["annotations"][0]
+        mat = loadmat(str(mat_path))
+        annos = mat["annotations"][0]
         paths = [str(base / str(a["relative_im_path"][0])) for a in annos]
         classes = [int(a["class"][0][0]) for a in annos]
+        # class c (1-based) is the make and model class_names[c - 1], where the file has them
+        names = {i + 1: str(n[0]) for i, n in enumerate(mat["class_names"][0])} \
+            if "class_names" in mat else {}
     except (KeyError, ValueError, IndexError, TypeError, OSError) as exc:
         raise UserError(f"{name}: {mat_path} is not the annotation file expected (a struct "
                         f"'annotations' with relative_im_path and class): {exc} "
                         f"({WHERE[name]})") from exc
-    return _by_class(paths, classes, lambda c: c <= 98)
+    return _by_class(paths, classes, lambda c: c <= 98, names)
 
 
 def parse_sop(root: Path) -> Parsed:
@@ -139,14 +152,16 @@ def parse_inshop(root: Path) -> Parsed:
                             f"(status train, query or gallery; items id_NNNNNNNN)")
         parts[status][0].append(str(base / path))
         parts[status][1].append(_int(item[3:], file, name))
-    return Parsed(parts)
+    names = {c: f"id_{c:08d}" for _, classes in parts.values() for c in classes}
+    return Parsed(parts, names)
 
 
-def _by_class(paths: list[str], classes: list[int], is_train: Callable[[int], bool]) -> Parsed:
+def _by_class(paths: list[str], classes: list[int], is_train: Callable[[int], bool],
+              names: dict[int, str]) -> Parsed:
     train = [i for i, c in enumerate(classes) if is_train(c)]
     test = [i for i, c in enumerate(classes) if not is_train(c)]
     return Parsed({"train": ([paths[i] for i in train], [classes[i] for i in train]),
-                   "test": ([paths[i] for i in test], [classes[i] for i in test])})
+                   "test": ([paths[i] for i in test], [classes[i] for i in test])}, names)
 
 
 PARSERS = {"cub200": parse_cub, "cars196": parse_cars, "sop": parse_sop,
@@ -200,6 +215,9 @@ def load_benchmark(
     test_cls = sorted({c for p in test_parts for c in parsed.parts[p][1]})
     ids = {c: i for i, c in enumerate([*train_cls, *val_cls])}
     ids.update({("test", c): len(ids) + i for i, c in enumerate(test_cls)})
+    # labels are positions (training classes first, as proxy losses want); plots and
+    # reports name a class as the dataset does (CUB's folder name, SOP's class_id, ...)
+    class_names = [parsed.name(c) for c in [*train_cls, *val_cls, *test_cls]]
     size = int(getattr(transform, "size", 224))
     workers = min(workers, len(os.sched_getaffinity(0)))  # no more decoders than cores
 
@@ -224,4 +242,4 @@ def load_benchmark(
         name, len(train_cls),
         split([paths[i] for i in tr], [ids[classes[i]] for i in tr], train=True),
         split([paths[i] for i in va], [ids[classes[i]] for i in va]),
-        split(test_paths, test_labels, query_count=query))
+        split(test_paths, test_labels, query_count=query), class_names)
