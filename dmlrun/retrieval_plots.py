@@ -65,8 +65,6 @@ def gallery(query_images: torch.Tensor, query_labels: torch.Tensor,
     fig, ax = plt.subplots(figsize=(1.0 * (k + 1) + 1.6, 1.05 * q + 0.9))
     ax.imshow(grid.numpy(), interpolation="nearest")
     for i in range(q):
-        ax.text(-0.3 * tw, (i + 0.5) * th, _name(int(query_labels[i]), class_names),
-                ha="right", va="center", fontsize=9)
         for j in range(k):
             ax.text((j + 1.5) * tw, (i + 1) * th - GAP - BORDER - 1,
                     f"{float(neighbour_dists[i, j]):.2g}", ha="center", va="bottom",
@@ -76,10 +74,13 @@ def gallery(query_images: torch.Tensor, query_labels: torch.Tensor,
         ax.axhline(n_right * th - 0.5, color="black", lw=2)
     ax.set_xticks([(j + 0.5) * tw for j in range(k + 1)],
                   ["query"] + [f"#{j + 1}" for j in range(k)], fontsize=8)
-    ax.set_yticks([])
+    # the query's class as a tick label, so that the layout makes room for long names
+    # (CUB's "133.White_throated_Sparrow")
+    ax.set_yticks([(i + 0.5) * th for i in range(q)],
+                  [_name(int(query_labels[i]), class_names) for i in range(q)], fontsize=9)
     ax.tick_params(length=0)
     ax.set_title(title, fontsize=10)
-    return _save(fig, path, dpi=110)
+    return _save(fig, path, dpi=110, fit=True)
 
 
 def distance_histograms(sample: DistanceSample, path: str | Path, title: str,
@@ -219,10 +220,12 @@ def write_all(emb: torch.Tensor, split: Any, distance: Distance, margin: float |
     return {"per_class": per_class, "distance_overlap": sample.overlap}
 
 
-def _save(fig, path: str | Path, dpi: int = 100) -> Path:
+def _save(fig, path: str | Path, dpi: int = 100, fit: bool = False) -> Path:
+    """Write ``fig``; ``fit``: grow or crop the canvas to what is drawn (the gallery,
+    whose image keeps its aspect, leaves tight_layout no room for long class names)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if fit else None)
     plt.close(fig)
     return path
