@@ -4,6 +4,7 @@ confusion and per-class metrics. The numbers come from ``analysis.py``."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ def per_class_plot(per_class: dict[str, dict[str, float]], path: str | Path,
     else:
         ax.set_xlabel(f"the {len(names)} classes, ranked by P@1 (report.html names them)")
         ax.set_xlim(0, len(names) - 1)
-    ax.set_ylabel(f"test metric ({graded}; zoomed axis)")
+    # one line as long as it fits the 4-inch axis ("leave-one-out" does), else two
+    ax.set_ylabel(textwrap.fill(f"test metric ({graded}; zoomed axis)", 42))
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 if named else -0.2),
               ncol=2, frameon=False)
