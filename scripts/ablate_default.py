@@ -186,6 +186,13 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "default_val5k": (VAL_5K, "the shipped `dmlrun` holding out 5,000 training images, "
                               "as the recipe was chosen (the default before it trained on "
                               "59,000)"),
+    "vgg_64d_val5k": (["model=vgg", "model.embedding_dim=64", *VAL_5K],
+                      "the shipped `dmlrun` in 64-D with model=vgg (two 3x3 conv layers per "
+                      "block at full resolution, 16 and 32 channels), 5,000 held out"),
+    "vgg_val5k": (["model=vgg", *VAL_5K], "vgg_64d_val5k in 2-D"),
+    "vgg_64d": (["model=vgg", "model.embedding_dim=64"],
+                "the shipped `dmlrun` in 64-D with model=vgg, 1,000 held out, 59,000 trained "
+                "on"),
     "default": ([], "the shipped `dmlrun`: bn_pf_affine_12_ch16 with the soft margin "
                     "softplus(d_ap - d_an) (Hermans et al. 2017) and the weaker warp, off "
                     "for the last epoch, which is tested; 1,000 images held out, 59,000 "

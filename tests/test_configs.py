@@ -177,6 +177,29 @@ def test_convnet_evaluates_pooling_first_bit_identically(batch_norm: bool) -> No
     assert ConvNet(pool_first=True)._pool_then_act is None
 
 
+def test_vgg_keeps_full_resolution_through_each_block_and_pools_after_it() -> None:
+    """model=vgg: convs_per_block 3x3 same-padded convolutions per block at the block's
+    resolution, one pool after each block; the head reads the last block's map."""
+    import torch
+
+    from dmlrun.models.vgg import VGGNet
+
+    net = VGGNet(embedding_dim=6, in_channels=3, channels=(4, 8), convs_per_block=2,
+                 image_size=32)
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == \
+        [(3, 4, (3, 3)), (4, 4, (3, 3)), (4, 8, (3, 3)), (8, 8, (3, 3))]
+    x = torch.rand(5, 3, 32, 32)
+    first_block = net.features[:6]  # two conv + BatchNorm + ReLU, before the first pool
+    assert first_block(x).shape == (5, 4, 32, 32)
+    assert net.features(x).shape == (5, 8, 8, 8) and net(x).shape == (5, 6)
+    assert net.head[1].in_features == 8 * 8 * 8
+    with pytest.raises(ValueError, match="convs_per_block=0"):
+        VGGNet(convs_per_block=0)
+    with pytest.raises(ValueError, match="image_size=2 is too small for 2 blocks"):
+        VGGNet(image_size=2)
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_presets_compose_and_fit(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])

@@ -173,6 +173,32 @@ def test_kmeans_recovers_separated_clusters():
     assert normalized_mutual_info(kmeans(x, 6), labels) == pytest.approx(1.0)
 
 
+def test_kmeans_pp_seeding_draws_the_same_centres_as_the_plain_formula():
+    """The chunked, buffered seeding must draw exactly what the one-line formula draws
+    (the documented NMI / AMI figures rest on those draws), also when the points do not
+    fill the last chunk."""
+    from dmlrun.clustering import _kmeans_pp
+
+    def plain(x, k, g):
+        first = int(torch.randint(len(x), (1,), generator=g))
+        centres, closest = [x[first]], ((x - x[first]) ** 2).sum(1)
+        for _ in range(1, k):
+            probs = closest.cpu().double()
+            idx = int(torch.multinomial(probs / probs.sum(), 1, generator=g))
+            centres.append(x[idx])
+            closest = torch.minimum(closest, ((x - x[idx]) ** 2).sum(1))
+        return torch.stack(centres)
+
+    x = torch.randn(5000, 24, generator=torch.Generator().manual_seed(3)) * 3
+    for chunk in (4096, 333):
+        got = _kmeans_pp(x, 60, torch.Generator().manual_seed(7), chunk=chunk)
+        assert torch.equal(got, plain(x, 60, torch.Generator().manual_seed(7)))
+    # every point a centre: the distances reach zero and the draws still stay distinct
+    small = x[:40]
+    got = _kmeans_pp(small, 40, torch.Generator().manual_seed(0), chunk=16)
+    assert len({tuple(r.tolist()) for r in got}) == 40
+
+
 def test_evaluate_embeddings_has_every_metric():
     from dmlrun.metrics import METRIC_NAMES, evaluate_embeddings
 

@@ -2,5 +2,6 @@
 
 from dmlrun.models.convnet import ConvNet
 from dmlrun.models.mlp import MLP
+from dmlrun.models.vgg import VGGNet
 
-__all__ = ["ConvNet", "MLP"]
+__all__ = ["ConvNet", "MLP", "VGGNet"]
