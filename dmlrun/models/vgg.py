@@ -35,7 +35,7 @@ class VGGNet(Embedder):
         super().__init__(embedding_dim, l2_normalize, mean, std)
         if convs_per_block < 1:
             raise ValueError(f"convs_per_block={convs_per_block} must be >= 1")
-        if image_size >> len(channels) < 1:
+        if image_size // 2 ** len(channels) < 1:  # each block halves the side
             raise ValueError(f"image_size={image_size} is too small for {len(channels)} blocks")
         layers: list[nn.Module] = []
         c_in, size = in_channels, image_size
