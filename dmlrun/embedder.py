@@ -79,8 +79,9 @@ def load_embedder(path: str | Path, device: str = "cpu") -> TrainedEmbedder:
 class RunEmbedding:
     """A run's model embedding images exactly as the run graded them: the same memory
     layout (channels-last on the CPU when the run trained so), batch size and autocast
-    (bf16 on CUDA with ``trainer.amp=auto``), so embeddings, and every metric computed from
-    them, equal the run's own. ``image_size`` and ``channels``: what the model takes."""
+    (``trainer.amp=auto``: bf16 on CUDA and on CPUs with AMX tiles), so on the same kind of
+    device embeddings, and every metric computed from them, equal the run's own.
+    ``image_size`` and ``channels``: what the model takes."""
 
     def __init__(self, path: str | Path, device: str = "auto") -> None:
         from dmlrun.components import resolve_amp, resolve_device

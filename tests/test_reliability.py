@@ -132,3 +132,33 @@ def test_disk_full_is_one_message_and_checkpoints_survive(tmp_path, data_dir):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "No space left on device" in res.stderr
     assert not list(run_dir.rglob("*.tmp"))  # no half-written checkpoint left behind
+
+
+@pytest.mark.parametrize("tiles", [True, False])
+def test_auto_amp_is_bf16_on_cuda_and_on_cpus_with_bf16_tiles(monkeypatch, tiles):
+    from dmlrun.components import resolve_amp
+    from dmlrun.errors import ConfigError
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: tiles)
+    assert resolve_amp("auto", torch.device("cpu")) == (torch.bfloat16 if tiles else None)
+    assert resolve_amp("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_amp(True, torch.device("cpu")) == torch.bfloat16
+    assert resolve_amp(False, torch.device("cuda")) is None
+    with pytest.raises(ConfigError, match="trainer.amp"):
+        resolve_amp("fast", torch.device("cpu"))
+
+
+def test_bf16_autocast_on_the_cpu_embeds_as_fp32_does_within_bf16_rounding():
+    from dmlrun.metrics import embed
+    from dmlrun.models.convnet import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet(embedding_dim=64, channels=[16, 32], batch_norm=True, pool_first=True)
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    fp32 = embed(model, images, 32, None)
+    bf16 = embed(model, images, 32, torch.bfloat16)
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per value); through five
+    # layers of sums the embedding stays within 2% of its norm (0.5% measured), yet differs
+    err = (bf16 - fp32).norm(dim=1) / fp32.norm(dim=1)
+    assert err.max() < 0.02 and err.mean() > 1e-4
