@@ -176,7 +176,11 @@ def log_start(cfg: DictConfig, run_dir: Path, ranks: Ranks, device: torch.device
               parts: Parts, amp_dtype: torch.dtype | None, names: dict[str, str]) -> None:
     t = parts.settings.trainer
     log.info("run folder: %s", run_dir.resolve())
-    log.info("device %s, amp %s; %s", device, amp_dtype,
+    amp = "bf16" if amp_dtype == torch.bfloat16 else str(amp_dtype or "off (fp32)")
+    if t.amp == "auto" and device.type == "cpu":
+        amp += " (trainer.amp=auto: " + ("this CPU has AMX tiles)" if amp_dtype else
+                                          "this CPU has no AMX tiles)")
+    log.info("device %s, amp %s; %s", device, amp,
              " ".join(f"{k}={v}" for k, v in names.items()))
     for path in specialisations(cfg):
         log.info("settings for this combination from configs/%s", path)

@@ -6,7 +6,8 @@
     python scripts/bench.py --streaming          # image folder: streamed vs in memory
 
 Training, for the default convnet (2-D), batch 256 (8 classes x 32), triplet loss with
-batch-hard mining, on the current device, the three paths measured in alternating rounds:
+batch-hard mining, on the current device (bf16 autocast as --amp says; auto: as
+trainer.amp=auto), the three paths measured in alternating rounds:
   (a) dmlrun: device-resident uint8 data, vectorised P x K sampler and miner;
   (b) the usual stack: torchvision MNIST + DataLoader (ToTensor, Normalize) with
       pytorch-metric-learning's MPerClassSampler, BatchHardMiner and TripletMarginLoss;
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from dmlrun.components import resolve_amp
 from dmlrun.data.idx import load_mnist
 from dmlrun.data.samplers import Epoch, PKSampler
 from dmlrun.losses import TripletLoss
@@ -286,6 +288,11 @@ def main() -> None:
                    help="alternating rounds of the 10k evaluation benchmark")
     p.add_argument("--eval-pml-60k", action="store_true",
                    help="also time AccuracyCalculator on the 60k sets (several GiB)")
+    p.add_argument("--amp", choices=["auto", "true", "false"], default="auto",
+                   help="bf16 autocast for every training path, as trainer.amp (auto: on "
+                        "CUDA and on CPUs with AMX tiles)")
+    p.add_argument("--train-only", action="store_true",
+                   help="the training paths alone, without the evaluation benchmark")
     p.add_argument("--streaming", action="store_true",
                    help="only the streaming benchmark (runs scripts/bench_streaming.py with "
                         "its defaults)")
@@ -301,7 +308,7 @@ def main() -> None:
         print(f"device {name}, torch {torch.__version__}")
         bench_eval(device, args.eval_rounds, args.eval_pml_60k)
         return
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = resolve_amp({"true": True, "false": False}.get(args.amp, args.amp), device)
     channels_last = device.type == "cpu"
     root = str(Path(args.data))
     data = load_mnist(root, download=False).to(device)
@@ -325,8 +332,8 @@ def main() -> None:
     print(f"| (c) model-only ceiling | {c:,.0f} |")
     print(f"\na/b = {a / b:.2f}, a/c = {a / c:.2f}  (dmlrun epoch: loss {stats['train_loss']:.3f},"
           f" {stats['mined_per_step']:.0f} triplets/step)")
-
-    bench_eval(device, args.eval_rounds, args.eval_pml_60k)
+    if not args.train_only:
+        bench_eval(device, args.eval_rounds, args.eval_pml_60k)
 
 
 if __name__ == "__main__":
