@@ -176,10 +176,9 @@ def log_start(cfg: DictConfig, run_dir: Path, ranks: Ranks, device: torch.device
               parts: Parts, amp_dtype: torch.dtype | None, names: dict[str, str]) -> None:
     t = parts.settings.trainer
     log.info("run folder: %s", run_dir.resolve())
-    amp = "bf16" if amp_dtype == torch.bfloat16 else str(amp_dtype or "off (fp32)")
+    amp = "bf16" if amp_dtype == torch.bfloat16 else str(amp_dtype or "off")
     if t.amp == "auto" and device.type == "cpu":
-        amp += " (trainer.amp=auto: " + ("this CPU has AMX tiles)" if amp_dtype else
-                                          "this CPU has no AMX tiles)")
+        amp += f" (trainer.amp=auto: this CPU has {'' if amp_dtype else 'no '}AMX tiles)"
     log.info("device %s, amp %s; %s", device, amp,
              " ".join(f"{k}={v}" for k, v in names.items()))
     for path in specialisations(cfg):

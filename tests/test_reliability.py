@@ -106,12 +106,21 @@ def test_truncated_checkpoint_is_named(tmp_path, data_dir):
 
 
 def test_same_seed_same_metrics_on_cpu(tmp_path, data_dir):
+    from dmlrun.components import cpu_has_bf16_tiles
+
     for name in ("a", "b"):
         res = run_cli(QUICK + [f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-2000:]
     assert records(tmp_path / "a") == records(tmp_path / "b")
     steps = [(tmp_path / n / "steps.jsonl").read_text() for n in ("a", "b")]
     assert steps[0] == steps[1]
+    # in bf16 where this CPU has AMX tiles (repeatable there too), and the log says why
+    tiles = cpu_has_bf16_tiles()
+    log = (tmp_path / "a" / "dmlrun.log").read_text()
+    assert f"amp {'bf16' if tiles else 'off'} (trainer.amp=auto: this CPU has " \
+           f"{'' if tiles else 'no '}AMX tiles)" in log
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["amp"] == ("bfloat16" if tiles else None)
 
 
 def test_unwritable_output_folder_is_one_message(tmp_path):
