@@ -176,7 +176,7 @@ def log_start(cfg: DictConfig, run_dir: Path, ranks: Ranks, device: torch.device
               parts: Parts, amp_dtype: torch.dtype | None, names: dict[str, str]) -> None:
     t = parts.settings.trainer
     log.info("run folder: %s", run_dir.resolve())
-    amp = "bf16" if amp_dtype == torch.bfloat16 else str(amp_dtype or "off")
+    amp = "bf16" if amp_dtype else "off"  # resolve_amp gives bf16 or None
     if t.amp == "auto" and device.type == "cpu":
         amp += f" (trainer.amp=auto: this CPU has {'' if amp_dtype else 'no '}AMX tiles)"
     log.info("device %s, amp %s; %s", device, amp,
