@@ -17,6 +17,7 @@ from dmlrun.data.dataset import Split, images_to_float
 from dmlrun.data.samplers import Epoch
 from dmlrun.errors import Interrupted, UserError
 from dmlrun.losses.base import LossOutput, MetricLoss
+from dmlrun.losses.relational import relational_distance_loss
 from dmlrun.miners.base import Miner
 from dmlrun.tuples import label_masks
 
@@ -36,6 +37,21 @@ class ViewsTerm:
     loss: MetricLoss
     augment: Callable[[torch.Tensor], torch.Tensor]
     weight: float = 1.0
+
+
+@dataclass
+class DistillTerm:
+    """Relational distillation on the ``Epoch.extra`` batches: the student's distances
+    among a batch's images follow those of ``targets`` (N, T), fixed embeddings of every
+    training image (e.g. trained teachers' side by side), by
+    ``losses.relational.relational_distance_loss``, weighted by ``weight``."""
+
+    targets: torch.Tensor
+    weight: float = 1.0
+
+    def __call__(self, emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Weighted loss of (B, D) student embeddings of the training images ``ids`` (B,)."""
+        return self.weight * relational_distance_loss(emb, self.targets[ids])
 
 
 class WeightAverage:
@@ -114,6 +130,8 @@ class StepConfig:
     no_aug_epochs: int = 0
     # The loss on ``Epoch.views`` batches.
     views: ViewsTerm | None = None
+    # Relational distillation on ``Epoch.extra`` batches.
+    distill: DistillTerm | None = None
 
     @property
     def gathers(self) -> bool:
@@ -352,9 +370,13 @@ def train_epoch(
             zero_streak = torch.where(batch.mined == 0, zero_streak + 1, 0)
         total = batch.out.loss
         if extras is not None:
-            total = total + step_cfg.extra_weight * batch_loss(
-                model, loss_fn, miner, next(extras), split.labels[epoch.extra[step]], None,
-                step_cfg).out.loss
+            ids = epoch.extra[step]
+            extra = batch_loss(model, loss_fn, miner, next(extras), split.labels[ids], None,
+                               step_cfg)
+            total = total + step_cfg.extra_weight * extra.out.loss
+            if step_cfg.distill is not None:  # extra.emb is the global batch when gathered
+                ids = distributed.gather_labels(ids) if step_cfg.gathers else ids
+                total = total + step_cfg.distill(extra.emb, ids)
         if views is not None:
             total = total + views_loss(model, next(views), epoch.views[step], step_cfg)
         optimizer.zero_grad(set_to_none=True)

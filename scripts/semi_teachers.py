@@ -12,7 +12,8 @@ For each seed S, in a fresh folder --out/s<S>/:
    baselines and epoch plots);
 2. student: `dmlrun experiment=semi_teachers_64d seed=S dataset.split_seed=S
    semi.teachers=[teacher_1,...]`: pseudo-labels from label propagation over the
-   teachers' unit-length embeddings side by side, then the same preset's training.
+   teachers' unit-length embeddings side by side, then the default's supervised recipe
+   in 64-D on them, distilling the teachers' distances as it trains (semi.distill).
 
 It prints (and with --write-docs puts in docs/results.md) each seed's teachers' and
 student's test P@1, the share of pseudo-labels right, and the wall time of the whole

@@ -372,8 +372,13 @@ def test_the_default_recipe_and_the_previous_one_an_override_away():
     assert semi64.model.batch_norm is False and semi64.trainer.max_epochs == 10
     assert semi64.trainer.select == "best" and semi64.semi.refresh_every == 2
     assert "soft" not in semi64.loss and semi64.optimizer.lr == 1e-3
-    student = compose_cfg(["experiment=semi_teachers_64d"])  # semi_propagation_64d otherwise
+    # the student: the default's supervised recipe in 64-D, distilling its teachers
+    student = compose_cfg(["experiment=semi_teachers_64d"])
     assert student.semi.graph == "teachers" and student.semi.refresh_every == 1000
     assert student.trainer.select == "last" and student.model.embedding_dim == 64
-    assert student.loss._target_.endswith("ContrastiveLoss")
+    assert student.loss._target_.endswith("TripletLoss") and student.loss.soft is True
+    assert student.model.batch_norm is True and student.scheduler.anneal == "cosine"
+    assert student.augment.degrees == 8.0 and student.trainer.no_aug_epochs == 1
+    assert (student.trainer.max_epochs, student.sampler.batches_per_epoch) == (12, 236)
+    assert student.semi.distill == 1000 and semi.semi.distill == 0
 

@@ -215,6 +215,24 @@ def test_a_teachers_graph_is_read_once():
     assert torch.equal(semi.labels, truth) and semi.quality["pseudo_from_pixels"] == 0.0
 
 
+def rkd_to_teachers(student, teachers) -> float:
+    """Relational distillation loss between a run's embedding of 500 training images and
+    its teachers' (unit-length, side by side), in batches of 100."""
+    import torch.nn.functional as F
+
+    from dmlrun.data.idx import read_idx
+    from dmlrun.embedder import RunEmbedding
+    from dmlrun.losses.relational import relational_distance_loss
+    from tests.conftest import DATA_DIR
+
+    images = read_idx(DATA_DIR / "MNIST" / "raw" / "train-images-idx3-ubyte")[:500, None]
+    ours = RunEmbedding(student, device="cpu")(images)
+    theirs = torch.cat([F.normalize(RunEmbedding(t, device="cpu")(images), dim=1)
+                        for t in teachers], dim=1)
+    return sum(relational_distance_loss(ours[i:i + 100], theirs[i:i + 100]).item()
+               for i in range(0, 500, 100)) / 5
+
+
 def test_a_student_labels_from_its_teachers_embeddings(tmp_path, data_dir):
     """Teachers with the student's labeled images (dataset.split_seed) make its graph;
     a teacher that kept other labels, or no checkpoint, is refused."""
@@ -242,6 +260,14 @@ def test_a_student_labels_from_its_teachers_embeddings(tmp_path, data_dir):
     assert all(r["pseudo_from_pixels"] == 0.0 for r in recs)
     assert all(0.5 < r["pseudo_accuracy"] <= 1 for r in recs)
     assert "the teachers' embeddings" in (tmp_path / "student" / "dmlrun.log").read_text()
+    # distilling the teachers' geometry: the student's distances follow theirs more closely
+    longer = [*student, "sampler.batches_per_epoch=10"]
+    run(compose_cfg(longer), tmp_path / "longer")
+    run(compose_cfg([*longer, "semi.distill=1000"]), tmp_path / "distilled")
+    assert rkd_to_teachers(tmp_path / "distilled", teachers) < \
+        0.6 * rkd_to_teachers(tmp_path / "longer", teachers)  # 0.41 measured
+    with pytest.raises(ConfigError, match="set semi.graph=teachers"):
+        run(compose_cfg([*base, "semi.distill=1"]), tmp_path / "no_teachers")
     for bad in ("semi.teachers=null", "semi.graph=auto"):  # one without the other
         with pytest.raises(ConfigError, match="semi.teachers is read only then"):
             run(compose_cfg([*student, bad]), tmp_path / "half")

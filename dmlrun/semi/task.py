@@ -37,7 +37,7 @@ from dmlrun.semi.labels import (
 from dmlrun.semi.plots import pseudo_label_plot
 from dmlrun.settings import Settings, read, setting
 from dmlrun.task import Task, TaskContext
-from dmlrun.train import ViewsTerm
+from dmlrun.train import DistillTerm, ViewsTerm
 
 log = logging.getLogger("dmlrun")
 
@@ -58,6 +58,8 @@ class SemiSettings:
     views: Any = setting(optional=True)  # ViewsSettings' node, or absent (off)
     # run folders whose embeddings make the graph with graph=teachers (absent: none)
     teachers: list[str] | None = setting(optional=True)
+    # weight of the relational distillation of the teachers' embeddings (absent: 0, off)
+    distill: float | None = setting(minimum=0, optional=True)
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,17 @@ class SemiSupervisedTask(Task):
         s = self.semi
         if s.method is not None:
             for f in fields(SemiSettings):
-                if getattr(s, f.name) is None and f.name not in ("views", "teachers"):
+                if getattr(s, f.name) is None and f.name not in ("views", "teachers",
+                                                                 "distill"):
                     raise ConfigError(f"semi.{f.name} has no value and needs one with "
                                       f"semi={self.method_name}")
         if (s.graph == "teachers") != bool(s.teachers):
             raise ConfigError("semi.graph=teachers builds the graph from the runs in "
                               "semi.teachers, and semi.teachers is read only then: set both "
                               f"(now graph={s.graph}, teachers={s.teachers})")
+        if s.distill and s.graph != "teachers":
+            raise ConfigError(f"semi.distill={s.distill} distils the teachers' embeddings: "
+                              "set semi.graph=teachers and semi.teachers=[<run>,...] too")
         self.views = self._views(cfg, world)
         self.layer = feature_layer(s.features or "output",
                                    int(cfg.model.get("embedding_dim", MIN_GRAPH_DIM)))
@@ -128,6 +134,7 @@ class SemiSupervisedTask(Task):
                            "indices": labeled.tolist()}, f)
         s = self.semi
         self.teachers = [self._teacher(path, labeled) for path in s.teachers or ()]
+        self._teachers_features: torch.Tensor | None = None
         method = build(s.method, f"semi={self.method_name}") if s.method is not None else None
         log.info("semi-supervised: %d labeled training images, %d unlabeled; method %s",
                  len(labeled), len(data.train) - len(labeled),
@@ -169,21 +176,36 @@ class SemiSupervisedTask(Task):
         data, ctx = self.context.data, self.context
         if space == "pixels":
             return torch.cat([raw_pixels(data.train), raw_pixels(data.val)])
-        if space == "teachers":  # each teacher's unit-length embeddings, side by side
-            device = next(ctx.model.parameters()).device
-            teachers = [RunEmbedding(path, device=str(device)) for path in self.teachers]
-            return torch.cat([torch.cat([F.normalize(t.split(split), dim=1) for t in teachers],
-                                        dim=1) for split in (data.train, data.val)])
+        if space == "teachers":
+            return self._teachers()
         read_out = ctx.features if self.layer == "penultimate" else ctx.embed
         return torch.cat([read_out(split) for split in (data.train, data.val)])
+
+    def _teachers(self) -> torch.Tensor:
+        """(N + V, T) the teachers' unit-length embeddings side by side, of every training
+        image, then every validation image (computed once)."""
+        if self._teachers_features is None:
+            data = self.context.data
+            device = next(self.context.model.parameters()).device
+            teachers = [RunEmbedding(path, device=str(device)) for path in self.teachers]
+            self._teachers_features = torch.cat([
+                torch.cat([F.normalize(t.split(split), dim=1) for t in teachers], dim=1)
+                for split in (data.train, data.val)])
+        return self._teachers_features
 
     def next_epoch(self, rng: torch.Generator, main: bool) -> Epoch:
         # the main process refreshes the pseudo-labels and shares them
         return self.state.next_epoch(self._features, rng, main, distributed.broadcast)
 
     def step_options(self) -> dict[str, Any]:
-        weight = self.semi.unlabeled_weight
-        return {"views": self.views, **({"extra_weight": weight} if weight is not None else {})}
+        weight, distill = self.semi.unlabeled_weight, self.semi.distill
+        options: dict[str, Any] = {"views": self.views}
+        if weight is not None:
+            options["extra_weight"] = weight
+        if distill:  # every process distils: each embeds the training images
+            targets = self._teachers()[:len(self.context.data.train)]
+            options["distill"] = DistillTerm(targets, distill)
+        return options
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         if note := self.state.take_note():
