@@ -266,6 +266,15 @@ def test_a_student_labels_from_its_teachers_embeddings(tmp_path, data_dir):
     run(compose_cfg([*longer, "semi.distill=1000"]), tmp_path / "distilled")
     assert rkd_to_teachers(tmp_path / "distilled", teachers) < \
         0.6 * rkd_to_teachers(tmp_path / "longer", teachers)  # 0.41 measured
+    # two processes: each rank's image indices are gathered with its embeddings
+    from tests.conftest import run_cli
+
+    two = run_cli([*longer, "semi.distill=1000",
+                   "trainer.devices=2", f"hydra.run.dir={tmp_path / 'two'}"],
+                  cwd=tmp_path, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert rkd_to_teachers(tmp_path / "two", teachers) < \
+        0.6 * rkd_to_teachers(tmp_path / "longer", teachers)
     with pytest.raises(ConfigError, match="set semi.graph=teachers"):
         run(compose_cfg([*base, "semi.distill=1"]), tmp_path / "no_teachers")
     for bad in ("semi.teachers=null", "semi.graph=auto"):  # one without the other
