@@ -91,6 +91,33 @@ def test_semi_teachers_chain_trains_teachers_then_their_student(tmp_path, data_d
     assert "the teachers' embeddings" in (tmp_path / "s3" / "student" / "dmlrun.log").read_text()
     text = script.table([row])
     assert text.splitlines()[-1].startswith("| 3 | ") and "%" in text.splitlines()[-1]
+    # a student arm trained on those teachers, then read back without training again
+    arm = script.student_arm(tmp_path, tmp_path / "arms", 3, "distill0",
+                             [*tiny, "dataset.val_size=100"])
+    log = tmp_path / "arms" / "s3" / "distill0" / "dmlrun.log"
+    assert "semi.distill=0" in (log.parent / ".hydra" / "overrides.yaml").read_text()
+    assert 0 < arm["p_at_1"] <= 1 and 0 <= arm["val_map_at_r"] <= 1
+    stamp = log.stat().st_mtime
+    assert script.student_arm(tmp_path, tmp_path / "arms", 3, "distill0") == arm
+    assert log.stat().st_mtime == stamp
+    assert script.arms_table([arm]).splitlines()[-1].startswith("| distill0 | ")
+    with pytest.raises(SystemExit, match="no teacher_"):
+        script.student_arm(tmp_path, tmp_path / "arms", 4, "distill0")
     monkeypatch.setattr(sys, "argv", ["semi_teachers.py", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="exists"):
         script.main()
+
+
+def test_the_shipped_student_arm_is_the_preset_as_it_is(monkeypatch):
+    """The student arm marked shipped adds no override to experiment=semi_teachers_64d,
+    and its weight is the preset's."""
+    from tests.conftest import compose_cfg
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    script = load_script("semi_teachers")
+    shipped = [name for name, (_, what) in script.STUDENT_ARMS.items() if "shipped" in what]
+    assert shipped == ["distill1000"] and script.STUDENT_ARMS["distill1000"][0] == []
+    assert compose_cfg(["experiment=semi_teachers_64d"]).semi.distill == 1000
+    before = compose_cfg(["experiment=semi_teachers_64d",
+                          *script.STUDENT_ARMS["contrastive_distill0"][0]])
+    assert before.loss._target_.endswith("ContrastiveLoss") and before.semi.distill == 0
