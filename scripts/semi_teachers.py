@@ -83,11 +83,16 @@ def test_p1(folder: Path) -> float:
     return json.loads((folder / "summary.json").read_text())["test"]["precision_at_1"]
 
 
+def student_overrides(seed: int, teachers: list[Path]) -> list[str]:
+    """The student's command line: the preset, the seed's split and its teachers."""
+    return ["experiment=semi_teachers_64d", f"seed={seed}", f"dataset.split_seed={seed}",
+            f"semi.teachers=[{','.join(repr(str(t.resolve())) for t in teachers)}]"]
+
+
 def chain(out: Path, seed: int, teachers: int, extra: list[str] | None = None) -> dict:
     """Train the teachers and the student of one seed (``extra``: overrides for every
     run); what the table shows."""
     extra = list(extra or [])
-    split = [f"seed={seed}", f"dataset.split_seed={seed}"]
     folders, seconds = [], 0.0
     for k in range(1, teachers + 1):
         folders.append(out / f"teacher_{k}")
@@ -97,9 +102,7 @@ def chain(out: Path, seed: int, teachers: int, extra: list[str] | None = None) -
                            "evaluation.baselines=false", "trainer.epoch_plots=false", *extra],
                           folders[-1])
     student = out / "student"
-    seconds += dmlrun(["experiment=semi_teachers_64d", *split,
-                       f"semi.teachers=[{','.join(repr(str(f.resolve())) for f in folders)}]",
-                       *extra], student)
+    seconds += dmlrun([*student_overrides(seed, folders), *extra], student)
     records = [json.loads(x) for x in (student / "metrics.jsonl").read_text().splitlines()]
     test = json.loads((student / "summary.json").read_text())["test"]
     return {"seed": seed, "teachers": [test_p1(f) for f in folders],
@@ -128,9 +131,8 @@ def student_arm(chain_dir: Path, out: Path, seed: int, arm: str,
         raise SystemExit(f"{chain_dir / f's{seed}'} holds no teacher_* folders")
     folder = out / f"s{seed}" / arm
     if not (folder / "summary.json").is_file():
-        dmlrun(["experiment=semi_teachers_64d", f"seed={seed}", f"dataset.split_seed={seed}",
-                f"semi.teachers=[{','.join(repr(str(t.resolve())) for t in teachers)}]",
-                *STUDENT_ARMS[arm][0], *(extra or [])], folder)
+        dmlrun([*student_overrides(seed, teachers), *STUDENT_ARMS[arm][0], *(extra or [])],
+               folder)
     summary = json.loads((folder / "summary.json").read_text())
     return {"arm": arm, "seed": seed, "val_map_at_r": summary["val"]["map_at_r"],
             "p_at_1": summary["test"]["precision_at_1"],

@@ -60,16 +60,12 @@ def test_a_student_of_three_teachers_reaches_0_99_in_64d(tmp_path, data_dir, mon
     semi_propagation_64d teachers, then their semi_teachers_64d student, which distils
     them). docs/results.md: student test P@1 0.9918 / MAP@R 0.9780 on seed 0 in bf16 (seeds
     1, 2: 0.9938, 0.9930), pseudo-labels 98.68% right."""
-    import importlib.util
-
     from tests.conftest import REPO
+    from tests.test_probe_scripts import load_script
 
     monkeypatch.syspath_prepend(str(REPO / "scripts"))  # its import of ablate_default
     monkeypatch.setenv("DMLRUN_DATA_DIR", str(data_dir))
-    spec = importlib.util.spec_from_file_location("semi_teachers",
-                                                  REPO / "scripts" / "semi_teachers.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("semi_teachers")
     row = script.chain(tmp_path / "s0", 0, 3)
     assert row["pseudo"] > 0.98
     assert row["p_at_1"] >= 0.99 and row["map_at_r"] >= 0.975
